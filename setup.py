@@ -1,0 +1,98 @@
+"""Builds and installs selftransfer: the trainer, the runtime, and the native VapourSynth plugin.
+
+The plugin is a plain shared library, ``libselftransfer.so``, installed with a ``manifest.vs`` into
+``site-packages/vapoursynth/plugins/selftransfer/`` so VapourSynth autoloads it (the layout of the
+``vapoursynth-*`` plugin wheels). An in-place build (``pip install -e .`` or ``python setup.py build_ext -i``) puts
+it in ``build/vsplugin/`` instead: point ``VAPOURSYNTH_EXTRA_PLUGIN_PATH`` there while developing. (Building it
+in place under ``./vapoursynth/`` would shadow the real ``vapoursynth`` package from the source tree.)
+"""
+import os
+import sysconfig
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+PLUGIN = "vapoursynth.plugins.selftransfer.libselftransfer"
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEV_PLUGIN_DIR = os.path.join("build", "vsplugin")
+
+
+class BuildPlugin(build_ext):
+    def get_ext_filename(self, fullname):
+        if fullname == PLUGIN:  # no CPython ABI suffix: VapourSynth loads "libselftransfer.so" by name
+            return os.path.join(*fullname.split(".")) + ".so"
+        return super().get_ext_filename(fullname)
+
+    def get_ext_fullpath(self, fullname):
+        if fullname == PLUGIN and self.inplace:
+            return os.path.join(HERE, DEV_PLUGIN_DIR, "libselftransfer.so")
+        return super().get_ext_fullpath(fullname)
+
+    def build_extensions(self):
+        import vapoursynth  # the build requirement; its headers are the API we compile against
+
+        for ext in self.extensions:
+            ext.include_dirs.append(vapoursynth.get_include())
+        super().build_extensions()
+        for ext in self.extensions:
+            out_dir = os.path.dirname(self.get_ext_fullpath(ext.name))
+            with open(os.path.join(out_dir, "manifest.vs"), "w") as f:
+                f.write("[VapourSynth Manifest V1]\nlibselftransfer\n")
+
+    def get_outputs(self):
+        outs = super().get_outputs()
+        return outs + [os.path.join(os.path.dirname(self.get_ext_fullpath(PLUGIN)), "manifest.vs")]
+
+
+def plugin_extension() -> Extension:
+    # The plugin calls into the Python runtime. Link libpython when it is shared so the library also loads in
+    # hosts that did not export Python's symbols globally; a static interpreter exports them itself.
+    libs, lib_dirs = [], []
+    if sysconfig.get_config_var("Py_ENABLE_SHARED"):
+        libs = [f"python{sysconfig.get_config_var('LDVERSION')}"]
+        lib_dirs = [sysconfig.get_config_var("LIBDIR")]
+    return Extension(
+        PLUGIN,
+        sources=["vs_selftransfer/plugin/selftransfer.c"],
+        libraries=libs,
+        library_dirs=lib_dirs,
+        runtime_library_dirs=lib_dirs,
+        extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-std=c11"],
+        py_limited_api=False,
+    )
+
+
+setup(
+    name="selftransfer",
+    version="0.1.0",
+    description="Per-video super-resolution for VapourSynth: fine-tune CARN-M on a video's own keyframes",
+    license="MIT",
+    python_requires=">=3.12",
+    packages=["trainer", "vs_selftransfer"],
+    package_data={"vs_selftransfer": ["plugin/*.c"]},
+    ext_modules=[plugin_extension()],
+    cmdclass={"build_ext": BuildPlugin},
+    install_requires=[
+        "vapoursynth>=72,<90",
+        "torch>=2.4,<3",
+        "numpy>=1.26,<3",
+        "av>=13,<20",
+        "h5py>=3.10,<4",
+        "opencv-python-headless>=4.9,<6",
+        "safetensors>=0.4,<1",
+        "onnx>=1.16,<2",
+        "onnxscript>=0.1",
+        "onnxruntime>=1.18,<2",
+        "tqdm>=4.66,<5",
+        "matplotlib>=3.8,<4",
+        "scikit-video>=1.1.11",
+        "vapoursynth-bestsource>=11",
+    ],
+    extras_require={
+        "openvino": ["openvino>=2024.4"],
+        "tensorrt": ["torch-tensorrt>=2.4"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "openvino>=2024.4"],
+        "bench": ["vapoursynth-mlrt-ort>=15", "vapoursynth-mlrt-ov>=15", "openvino>=2024.4"],
+    },
+    entry_points={"console_scripts": ["selftransfer=trainer.cli:main"]},
+)

@@ -1,0 +1,60 @@
+"""``selftransfer`` command line. Each subcommand lives in the module that does the work; this file only maps
+names to modules (explicitly, no registry). Every module exposes ``add_arguments(parser)`` and ``run(args) -> int``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Listed in the order the data flows.
+COMMANDS = {
+    "frames": ("trainer.keyframes", "pick keyframes (I-frames, scene cuts, even fill) and held-out frames"),
+    "pairs": ("trainer.pairs", "make HR/LR training pairs in an HDF5 file"),
+    "train": ("trainer.train", "fine-tune CARN-M on a pairs file"),
+    "export": ("trainer.export", "export a checkpoint as a model bundle (.stm)"),
+    "fit": ("trainer.fit", "all of the above: VIDEO -> MODEL.stm"),
+    "eval": ("trainer.evaluate", "prove it: bicubic vs generic vs self-transfer on unseen frames"),
+    "script": ("trainer.upscale", "print a ready .vpy that upscales a video with a bundle"),
+    "upscale": ("trainer.upscale", "upscale a video with a bundle: vspipe | ffmpeg, keeping audio/subtitles"),
+    "info": ("trainer.export", "show a bundle's manifest after validating it"),
+}
+
+
+class UserError(Exception):
+    """An input problem the user can fix; printed as one line, exit status 2."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="selftransfer", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"selftransfer {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    argv = sys.argv[1:] if argv is None else argv
+    # Import only the module of the command being run (torch, VapourSynth... are heavy).
+    wanted = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_)
+        if name == wanted:
+            mod = importlib.import_module(module)
+            (getattr(mod, f"add_{name}_arguments", None) or mod.add_arguments)(p)
+    args = parser.parse_args(argv)
+    mod = importlib.import_module(COMMANDS[args.command][0])
+    runner = getattr(mod, f"run_{args.command}", None) or mod.run
+    from vs_selftransfer.bundle import BundleError
+    try:
+        return int(runner(args) or 0)
+    except (UserError, BundleError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError) as e:
+        print(f"selftransfer {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"selftransfer {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _version() -> str:
+    from trainer import __version__
+    return __version__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

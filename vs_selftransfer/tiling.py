@@ -1,0 +1,86 @@
+"""The one tiling function: used by the runtime (every backend), by validation in the trainer and by the CLI.
+
+A frame is cut into cores of ``tile`` x ``tile`` LR pixels; each core is run with ``overlap`` pixels of context on
+every side, and only the core's output is kept. Windows keep one fixed size (shifted inward at the borders rather
+than shrunk), so a backend sees one input shape per clip: engines and caches are built once. With ``overlap`` at
+least the network's receptive radius (22 LR px for CARN/CARN-M) the tiled output equals the untiled one up to
+float summation order; smaller overlaps trade exactness for speed.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+
+def tile_windows(size: int, tile: int, overlap: int) -> list[tuple[int, int, int, int]]:
+    """Along one axis: (window_start, window_end, core_start, core_end) for each tile, in LR pixels."""
+    if size <= 0:
+        raise ValueError(f"size must be positive, not {size}")
+    if tile <= 0 or tile >= size:
+        return [(0, size, 0, size)]
+    win = min(size, tile + 2 * overlap)
+    out = []
+    for core0 in range(0, size, tile):
+        core1 = min(core0 + tile, size)
+        w0 = min(max(core0 - overlap, 0), size - win)
+        out.append((w0, w0 + win, core0, core1))
+    return out
+
+
+def window_shape(height: int, width: int, tile_h: int, tile_w: int, overlap: int) -> tuple[int, int]:
+    """The (fixed) LR window shape a backend will see for a frame of this size."""
+    ys, xs = tile_windows(height, tile_h, overlap), tile_windows(width, tile_w, overlap)
+    return ys[0][1] - ys[0][0], xs[0][1] - xs[0][0]
+
+
+def tiled_upscale(
+    run: Callable[[np.ndarray], np.ndarray],
+    src: Sequence[np.ndarray],
+    dst: Sequence[np.ndarray],
+    scale: int,
+    tile: int | tuple[int, int] = 0,
+    overlap: int = 0,
+    buffer: np.ndarray | None = None,
+) -> None:
+    """Upscale planar ``src`` (C arrays of HxW float32) into planar ``dst`` (C arrays of sH x sW).
+
+    ``run`` maps a contiguous (1, C, h, w) float32 array to a (1, C, s*h, s*w) array (numpy or anything
+    ``np.asarray`` accepts). Planes may be strided views, e.g. VapourSynth frame memory: the only copy made on the
+    way in is into the window buffer the backend reads (pass ``buffer`` to reuse one between frames).
+    """
+    channels = len(src)
+    if channels == 0 or len(dst) != channels:
+        raise ValueError(f"src and dst must have the same number of planes, not {len(src)} and {len(dst)}")
+    h, w = src[0].shape
+    for p in dst:
+        if p.shape != (h * scale, w * scale):
+            raise ValueError(f"dst plane shape {p.shape} is not scale x src shape {(h, w)}")
+    tile_h, tile_w = (tile, tile) if isinstance(tile, int) else tile
+    if overlap < 0:
+        raise ValueError(f"overlap must be >= 0, not {overlap}")
+    ys, xs = tile_windows(h, tile_h, overlap), tile_windows(w, tile_w, overlap)
+    wh, ww = ys[0][1] - ys[0][0], xs[0][1] - xs[0][0]
+    if buffer is None or buffer.shape != (1, channels, wh, ww) or buffer.dtype != np.float32:
+        buffer = np.empty((1, channels, wh, ww), np.float32)
+    s = scale
+    for y0, y1, cy0, cy1 in ys:
+        for x0, x1, cx0, cx1 in xs:
+            for c in range(channels):
+                buffer[0, c] = src[c][y0:y1, x0:x1]
+            out = np.asarray(run(buffer))
+            if out.shape != (1, channels, wh * s, ww * s):
+                raise ValueError(f"backend returned shape {out.shape}, expected {(1, channels, wh * s, ww * s)}")
+            oy, ox = (cy0 - y0) * s, (cx0 - x0) * s
+            for c in range(channels):
+                dst[c][cy0 * s:cy1 * s, cx0 * s:cx1 * s] = out[0, c, oy:oy + (cy1 - cy0) * s, ox:ox + (cx1 - cx0) * s]
+
+
+def upscale_image(run: Callable[[np.ndarray], np.ndarray], img: np.ndarray, scale: int,
+                  tile: int | tuple[int, int] = 0, overlap: int = 0) -> np.ndarray:
+    """Convenience for (C, H, W) float32 images: returns a new (C, sH, sW) array."""
+    img = np.asarray(img, dtype=np.float32)
+    c, h, w = img.shape
+    out = np.empty((c, h * scale, w * scale), np.float32)
+    tiled_upscale(run, list(img), list(out), scale, tile, overlap)
+    return out
