@@ -29,3 +29,34 @@ def official_path() -> Path:
 @pytest.fixture(scope="session")
 def reference_path() -> Path:
     return _need(REFERENCE)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs CUDA (skips with a reason elsewhere)")
+    config.addinivalue_line("markers", "slow: minutes of CPU (still part of CI)")
+
+
+@pytest.fixture(scope="session")
+def generic_bundle(tmp_path_factory, official_path) -> Path:
+    """The official CARN-M x2 weights exported as a bundle (what `fit` ships when nothing beats generic)."""
+    from trainer.export import export_bundle
+    from trainer.model import ModelConfig
+    from trainer.weights import initial_model
+
+    path = tmp_path_factory.mktemp("bundles") / "generic_x2.stm"
+    export_bundle(initial_model(ModelConfig(scale=2), str(official_path)), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> Path:
+    """A small random CARN-M x2 (8 channels): fast, for tests about plumbing rather than quality."""
+    import torch
+
+    from trainer.export import export_bundle
+    from trainer.model import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("bundles") / "tiny_x2.stm"
+    export_bundle(build_model(ModelConfig(scale=2, channels=8, group=4)).eval(), path)
+    return path
