@@ -18,6 +18,7 @@ COMMANDS = {
     "script": ("trainer.upscale", "print a ready .vpy that upscales a video with a bundle"),
     "upscale": ("trainer.upscale", "upscale a video with a bundle: vspipe | ffmpeg, keeping audio/subtitles"),
     "info": ("trainer.export", "show a bundle's manifest after validating it"),
+    "demo": ("trainer.demo", "fit, evaluate and upscale the bundled sample clip (Big Buck Bunny)"),
 }
 
 
