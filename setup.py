@@ -7,6 +7,7 @@ it in ``build/vsplugin/`` instead: point ``VAPOURSYNTH_EXTRA_PLUGIN_PATH`` there
 in place under ``./vapoursynth/`` would shadow the real ``vapoursynth`` package from the source tree.)
 """
 import os
+import re
 import sysconfig
 
 from setuptools import Extension, setup
@@ -17,9 +18,19 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEV_PLUGIN_DIR = os.path.join("build", "vsplugin")
 
 
+def read_version() -> str:
+    """The one version number lives in vs_selftransfer/__init__.py; the plugin is compiled with it too."""
+    with open(os.path.join(HERE, "vs_selftransfer", "__init__.py"), encoding="utf-8") as f:
+        return re.search(r'^__version__ = "(\d+\.\d+\.\d+)"$', f.read(), re.M).group(1)
+
+
+VERSION = read_version()
+
+
 class BuildPlugin(build_ext):
     def get_ext_filename(self, fullname):
-        if fullname == PLUGIN:  # no CPython ABI suffix: VapourSynth loads "libselftransfer.so" by name
+        # distutils asks with the dotted name or, from get_ext_fullpath, with its last part only.
+        if fullname in (PLUGIN, PLUGIN.rpartition(".")[2]):  # no CPython ABI suffix: loaded as libselftransfer.so
             return os.path.join(*fullname.split(".")) + ".so"
         return super().get_ext_filename(fullname)
 
@@ -28,6 +39,18 @@ class BuildPlugin(build_ext):
             return os.path.join(HERE, DEV_PLUGIN_DIR, "libselftransfer.so")
         return super().get_ext_fullpath(fullname)
 
+    def _get_inplace_equivalent(self, build_py, ext):
+        # setuptools builds into build/lib and then copies "in place": for the plugin that is build/vsplugin/.
+        inplace_file, regular_file = super()._get_inplace_equivalent(build_py, ext)
+        if ext.name == PLUGIN:
+            inplace_file = self.get_ext_fullpath(PLUGIN) if self.inplace else inplace_file
+        return inplace_file, regular_file
+
+    def copy_extensions_to_source(self):
+        self.mkpath(os.path.join(HERE, DEV_PLUGIN_DIR))
+        super().copy_extensions_to_source()
+        write_manifest(os.path.join(HERE, DEV_PLUGIN_DIR))
+
     def build_extensions(self):
         import vapoursynth  # the build requirement; its headers are the API we compile against
 
@@ -35,13 +58,16 @@ class BuildPlugin(build_ext):
             ext.include_dirs.append(vapoursynth.get_include())
         super().build_extensions()
         for ext in self.extensions:
-            out_dir = os.path.dirname(self.get_ext_fullpath(ext.name))
-            with open(os.path.join(out_dir, "manifest.vs"), "w") as f:
-                f.write("[VapourSynth Manifest V1]\nlibselftransfer\n")
+            write_manifest(os.path.dirname(self.get_ext_fullpath(ext.name)))
 
     def get_outputs(self):
         outs = super().get_outputs()
         return outs + [os.path.join(os.path.dirname(self.get_ext_fullpath(PLUGIN)), "manifest.vs")]
+
+
+def write_manifest(plugin_dir: str) -> None:
+    with open(os.path.join(plugin_dir, "manifest.vs"), "w") as f:
+        f.write("[VapourSynth Manifest V1]\nlibselftransfer\n")
 
 
 def plugin_extension() -> Extension:
@@ -57,14 +83,18 @@ def plugin_extension() -> Extension:
         libraries=libs,
         library_dirs=lib_dirs,
         runtime_library_dirs=lib_dirs,
-        extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-std=c11"],
+        define_macros=[("SELFTRANSFER_VERSION", f'"{VERSION}"'),
+                       ("SELFTRANSFER_VERSION_MAJOR", VERSION.split(".")[0]),
+                       ("SELFTRANSFER_VERSION_MINOR", VERSION.split(".")[1])],
+        extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-std=c11", "-pthread"],
+        extra_link_args=["-pthread"],
         py_limited_api=False,
     )
 
 
 setup(
     name="selftransfer",
-    version="0.1.0",
+    version=VERSION,
     description="Per-video super-resolution for VapourSynth: fine-tune CARN-M on a video's own keyframes",
     license="MIT",
     python_requires=">=3.12",

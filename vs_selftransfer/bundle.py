@@ -90,6 +90,82 @@ def _check_manifest(path, m) -> None:
             _fail(path, f"manifest {key} must be a JSON {typ.__name__}")
 
 
+ONNX_MEMBERS = ("model.onnx", "model.int8.onnx")
+
+
+def check_onnx(data: bytes, what: str = "model.onnx") -> None:
+    """Refuse an ONNX graph that is not self-contained data of the shape the runtime expects.
+
+    The hashes only prove that the bundle is what its author wrote, not that the author is friendly. An ONNX tensor
+    may point at an "external data" file by path (``/home/you/.ssh/id_rsa``, ``../../x``), which ONNX Runtime and
+    OpenVINO would read when the graph is loaded; a bundle's graph must carry all its weights inline. The graph must
+    also take one float (N, 3, H, W) input ``lr`` and give one float (N, 3, sH, sW) output ``sr``.
+    """
+    try:
+        import onnx
+    except ImportError:
+        raise BundleError(f"{what}: cannot validate the ONNX graph: the onnx package is missing (pip install onnx)") from None
+    try:
+        model = onnx.ModelProto.FromString(data)
+    except Exception as e:  # noqa: BLE001 - protobuf DecodeError and friends
+        raise BundleError(f"{what}: not a valid ONNX model: {e}") from None
+    external = onnx.TensorProto.EXTERNAL
+
+    def tensors_of_attribute(a):
+        yield from ([a.t] if a.HasField("t") else [])
+        yield from a.tensors
+        for sp in ([a.sparse_tensor] if a.HasField("sparse_tensor") else []) + list(a.sparse_tensors):
+            yield sp.values
+            yield sp.indices
+
+    def graphs_of_attribute(a):
+        yield from ([a.g] if a.HasField("g") else [])
+        yield from a.graphs
+
+    def check_nodes(nodes, depth):
+        for node in nodes:
+            for a in node.attribute:
+                for t in tensors_of_attribute(a):
+                    check_tensor(t)
+                for g in graphs_of_attribute(a):
+                    check_graph(g, depth + 1)
+
+    def check_tensor(t):
+        if t.data_location == external or len(t.external_data):
+            raise BundleError(f"{what}: tensor {t.name!r} refers to external data; bundle graphs must be self-contained")
+
+    def check_graph(g, depth):
+        if depth > 32:
+            raise BundleError(f"{what}: ONNX subgraphs nested too deeply")
+        for t in g.initializer:
+            check_tensor(t)
+        for sp in g.sparse_initializer:
+            check_tensor(sp.values)
+            check_tensor(sp.indices)
+        check_nodes(g.node, depth)
+
+    check_graph(model.graph, 0)
+    for f in model.functions:
+        check_nodes(f.node, 1)
+
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    outputs = list(model.graph.output)
+
+    def is_image(v, name):
+        t = v.type.tensor_type
+        dims = t.shape.dim
+        return (v.name == name and v.type.HasField("tensor_type") and t.elem_type == onnx.TensorProto.FLOAT
+                and len(dims) == 4 and dims[1].HasField("dim_value") and dims[1].dim_value == 3)
+
+    if len(inputs) != 1 or not is_image(inputs[0], "lr"):
+        raise BundleError(f"{what}: the graph must have one float input 'lr' of shape (N, 3, H, W), "
+                          f"not {[i.name for i in inputs]}")
+    if len(outputs) != 1 or not is_image(outputs[0], "sr"):
+        raise BundleError(f"{what}: the graph must have one float output 'sr' of shape (N, 3, sH, sW), "
+                          f"not {[o.name for o in outputs]}")
+
+
 @dataclass
 class Bundle:
     path: str
@@ -123,7 +199,8 @@ class Bundle:
             raw = cls._read(zf, path, MANIFEST, MAX_MANIFEST_BYTES)
             try:
                 manifest = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            # ValueError covers JSONDecodeError, UnicodeDecodeError and ints longer than Python's 4300-digit limit.
+            except (ValueError, RecursionError) as e:
                 raise BundleError(f"{path}: manifest.json is not valid JSON: {e}") from None
             _check_manifest(path, manifest)
             listed = manifest["members"]
@@ -134,12 +211,18 @@ class Bundle:
             for name, info in listed.items():
                 if name not in names:
                     _fail(path, f"manifest lists {name!r} but the bundle does not contain it")
+                stored = zf.getinfo(name).file_size
+                if stored != info["size"]:
+                    _fail(path, f"{name} is {stored} bytes, manifest says {info['size']}")
                 data = cls._read(zf, path, name, info["size"])
                 if len(data) != info["size"]:
                     _fail(path, f"{name} is {len(data)} bytes, manifest says {info['size']}")
                 if hashlib.sha256(data).hexdigest() != info["sha256"]:
                     _fail(path, f"{name} does not match its sha256 in the manifest (corrupt or tampered)")
                 members[name] = data
+        for name in ONNX_MEMBERS:
+            if name in members:
+                check_onnx(members[name], f"{path}: {name}")
         return cls(path, manifest, members)
 
     @staticmethod

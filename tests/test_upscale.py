@@ -1,0 +1,521 @@
+"""``selftransfer script`` and ``selftransfer upscale``: the generated .vpy, the vspipe | ffmpeg pipeline, what it
+keeps from the source, and that no failure or kill ever leaves a file named OUT.
+
+Tests marked "plumbing" replace the filter with a 2x bicubic resize (and skip the plugin preflight), so they check
+this module's process handling and muxing without needing the native plugin; the others run the real plugin and
+skip with a reason when it cannot be loaded.
+"""
+from __future__ import annotations
+
+import ast
+import collections
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from trainer import upscale as up
+from trainer.cli import main
+
+pytestmark = pytest.mark.skipif(not (shutil.which("ffmpeg") and shutil.which("ffprobe")),
+                                reason="ffmpeg and ffprobe are needed (apt install ffmpeg)")
+
+FRAMES = 12
+
+
+def ffmpeg(*args):
+    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", *map(str, args)], check=True)
+
+
+def ffprobe(path, *entries):
+    done = subprocess.run(["ffprobe", "-v", "error", "-of", "json", *entries, str(path)], check=True,
+                          capture_output=True, text=True)
+    return json.loads(done.stdout)
+
+
+def streams_of(path):
+    return ffprobe(path, "-show_streams", "-count_packets")["streams"]
+
+
+def audio_packets(path) -> tuple[str, str, int]:
+    """Codec, md5 of every audio packet's payload in order, packet count."""
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.audio[0]
+        md5 = hashlib.md5()
+        count = 0
+        for packet in container.demux(stream):
+            if packet.size:
+                md5.update(bytes(packet))
+                count += 1
+        return stream.codec_context.name, md5.hexdigest(), count
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory, clip_path) -> SimpleNamespace:
+    """Short 320x180 versions of the shared clip, with its AAC audio, plus variants with subtitles/chapters."""
+    d = tmp_path_factory.mktemp("upscale_media")
+    small = d / "small.mp4"
+    ffmpeg("-i", clip_path, "-frames:v", FRAMES, "-t", FRAMES / 25, "-vf", "scale=320:180", "-c:v", "libx264",
+           "-preset", "veryfast", "-crf", "18", "-c:a", "copy", small)
+    srt = d / "subs.srt"
+    srt.write_text("1\n00:00:00,100 --> 00:00:00,400\nhello <i>bunny</i>\n")
+    chapters = d / "chapters.txt"
+    chapters.write_text(";FFMETADATA1\ntitle=Bunny\n[CHAPTER]\nTIMEBASE=1/1000\nSTART=0\nEND=200\ntitle=Opening\n"
+                        "[CHAPTER]\nTIMEBASE=1/1000\nSTART=200\nEND=480\ntitle=Rest\n")
+    subs_mkv, subs_mp4 = d / "subs.mkv", d / "subs.mp4"
+    common = ["-i", small, "-i", srt, "-i", chapters, "-map", "0", "-map", "1", "-map_metadata", "2",
+              "-map_chapters", "2", "-c", "copy", "-metadata:s:s:0", "language=eng"]
+    ffmpeg(*common, subs_mkv)
+    ffmpeg(*common, "-c:s", "mov_text", subs_mp4)
+    late = d / "late_video.mkv"  # the video starts 0.2 s after the audio
+    ffmpeg("-i", small, "-itsoffset", "0.2", "-i", small, "-map", "1:v", "-map", "0:a", "-c", "copy", late)
+    gray = d / "gray.mkv"
+    ffmpeg("-i", small, "-vf", "format=gray", "-c:v", "ffv1", "-an", gray)
+    audio_only = d / "audio_only.m4a"
+    ffmpeg("-i", small, "-vn", "-c:a", "copy", audio_only)
+    text = d / "notes.mp4"
+    text.write_text("this is not a video\n" * 50)
+    return SimpleNamespace(dir=d, small=small, subs_mkv=subs_mkv, subs_mp4=subs_mp4, late=late, gray=gray,
+                           audio_only=audio_only, text=text)
+
+
+def resize_script(source, model, options, *, index_cache=True, model_summary="", fail_at=None, sleep=0.0):
+    """Stands in for build_script in plumbing tests: BestSource -> 2x bicubic [-> slow] [-> fails at a frame]."""
+    text = ("import time\nimport vapoursynth as vs\ncore = vs.core\n"
+            f"clip = core.bs.VideoSource(source={os.path.abspath(source)!r}, cachemode=0)\n"
+            "clip = core.resize.Bicubic(clip, clip.width * 2, clip.height * 2)\n")
+    if fail_at is not None or sleep:
+        text += textwrap.dedent(f"""\
+            def frame(n, f):
+                time.sleep({sleep})
+                if {fail_at!r} is not None and n >= {fail_at!r}:
+                    raise ValueError(f"frame {{n}} is cursed")
+                return f
+            clip = core.std.ModifyFrame(clip, clip, frame)
+            """)
+    return text + "clip.set_output()\n"
+
+
+@pytest.fixture
+def plumbing(monkeypatch):
+    """Upscale through a plain resize; returns a setter for frame failure / slowness."""
+    settings = {}
+    monkeypatch.setattr(up, "build_script", lambda *a, **k: resize_script(*a, **k, **settings))
+    monkeypatch.setattr(up, "preflight", lambda *a, **k: None)
+    return settings
+
+
+@pytest.fixture(scope="session")
+def plugin() -> None:
+    """Skip unless vspipe can load core.selftransfer (installed package, or a dev build on the extra path)."""
+    vspipe = up.find_tools().vspipe
+    probe_script = Path(os.environ.get("TMPDIR", "/tmp")) / f"selftransfer-plugin-check-{os.getpid()}.vpy"
+    probe_script.write_text("import vapoursynth as vs\nvs.core.selftransfer.Version()\n"
+                            "vs.core.std.BlankClip(length=1).set_output()\n")
+    try:
+        done = subprocess.run([vspipe, "--info", str(probe_script), "-"], capture_output=True, text=True,
+                              env=up.vspipe_env(), timeout=120)
+    finally:
+        probe_script.unlink()
+    if done.returncode != 0:
+        pytest.skip(f"the selftransfer VapourSynth plugin cannot be loaded by vspipe: {done.stderr.strip()[-300:]}")
+
+
+def run(capsys, *args) -> tuple[int, str]:
+    rc = main([str(a) for a in args])
+    return rc, capsys.readouterr().err
+
+
+def leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if up.PARTIAL_MARK in p.name)
+
+
+# -- the script ----------------------------------------------------------------------------------------------
+
+def _assignments(tree) -> dict:
+    return {node.targets[0].id: node.value for node in ast.walk(tree)
+            if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)}
+
+
+def _call(tree, dotted: str) -> ast.Call:
+    calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call) and ast.unparse(node.func) == dotted]
+    assert len(calls) == 1, f"expected one call of {dotted}"
+    return calls[0]
+
+
+def test_script_embeds_paths_safely_and_passes_only_given_options(tmp_path):
+    odd = tmp_path / "it's a \"test\" \\ vidéo [1].mp4"
+    options = up.FilterOptions(backend="ort", tilesize=(200, 0), num_streams=2)
+    text = up.build_script(odd, "model.stm", options, model_summary="carn_m, x2")
+    tree = ast.parse(text)
+    values = _assignments(tree)
+    assert ast.literal_eval(values["SOURCE"]) == str(odd)
+    assert ast.literal_eval(values["MODEL"]) == os.path.abspath("model.stm")
+    upscale = _call(tree, "core.selftransfer.Upscale")
+    assert ast.unparse(upscale.args[0]) == "clip"
+    assert {k.arg: ast.unparse(k.value) for k in upscale.keywords} == {
+        "model": "MODEL", "backend": "'ort'", "tilesize": "[200, 0]", "num_streams": "2"}
+    source = _call(tree, "core.bs.VideoSource")
+    kw = {k.arg: ast.unparse(k.value) for k in source.keywords}
+    assert kw["source"] == "SOURCE" and kw["cachemode"] == "1" and kw["cachepath"] == "INDEX_CACHE"
+    assert "set_output()" in text and "#   overlap" in text  # the knobs are documented for people who edit it
+
+    plain = ast.parse(up.build_script(odd, "model.stm", up.FilterOptions(), index_cache=False))
+    assert [k.arg for k in _call(plain, "core.selftransfer.Upscale").keywords] == ["model"]
+    kw = {k.arg: ast.unparse(k.value) for k in _call(plain, "core.bs.VideoSource").keywords}
+    assert kw == {"source": "SOURCE", "cachemode": "0"}  # the one-shot run writes no index anywhere
+
+
+def test_tilesize_and_option_parsing():
+    assert up._parse_tilesize("256") == (256,)
+    assert up._parse_tilesize("320x0") == (320, 0)
+    assert up.FilterOptions(tilesize=(256,)).plugin_kwargs() == {"tilesize": 256}
+    for bad in ("abc", "12x", "-5", "1x2x3"):
+        with pytest.raises(up.UserError, match="--tilesize"):
+            up._parse_tilesize(bad)
+    with pytest.raises(up.UserError, match="--num-streams"):
+        up.FilterOptions(num_streams=0).validate()
+    with pytest.raises(up.UserError, match="--device"):
+        up.FilterOptions(device="gpu").validate()
+
+
+def test_script_command_prints_or_writes(media, tiny_bundle, tmp_path, capsys):
+    rc = main(["script", str(media.small), "--model", str(tiny_bundle), "--backend", "ort"])
+    captured = capsys.readouterr()
+    assert rc == 0
+    tree = ast.parse(captured.out)
+    assert ast.literal_eval(_assignments(tree)["SOURCE"]) == str(media.small)
+    out = tmp_path / "up.vpy"
+    assert run(capsys, "script", media.small, "--model", tiny_bundle, "-o", out)[0] == 0
+    assert out.read_text() == captured.out
+    rc, err = run(capsys, "script", media.small, "--model", tiny_bundle, "-o", out, "--tilesize", "64")
+    assert rc == 2 and "already exists" in err and out.read_text() == captured.out
+    assert run(capsys, "script", media.small, "--model", tiny_bundle, "-o", out, "--force", "--tilesize", "64")[0] == 0
+    assert "tilesize=64" in out.read_text()
+    rc, err = run(capsys, "script", media.small, "--model", tmp_path / "nope.stm")
+    assert rc == 2 and "not found" in err
+
+
+def test_script_evaluates_in_vspipe_without_writing_beside_the_video(plugin, media, tiny_bundle, tmp_path, capsys):
+    vspipe = up.find_tools().vspipe
+    env = {**up.vspipe_env(), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    before = sorted(os.listdir(media.dir))
+    for video, fmt in ((media.small, "YUV420P8"), (media.gray, "Gray8")):
+        script = tmp_path / f"{video.stem}.vpy"
+        assert run(capsys, "script", video, "--model", tiny_bundle, "-o", script)[0] == 0
+        done = subprocess.run([vspipe, "--info", str(script), "-"], capture_output=True, text=True, env=env,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr
+        info = dict(line.split(": ", 1) for line in done.stdout.splitlines() if ": " in line)
+        assert (info["Width"], info["Height"], info["Frames"], info["Format Name"]) == ("640", "360", "12", fmt)
+    assert sorted(os.listdir(media.dir)) == before  # BestSource's index went to the cache, not beside the video
+
+
+# -- upscale: the real filter ----------------------------------------------------------------------------------
+
+def test_upscale_end_to_end_keeps_audio(plugin, media, tiny_bundle, tmp_path, capsys):
+    out = tmp_path / "small_x2.mkv"
+    rc, err = run(capsys, "upscale", media.small, "-o", out, "--model", tiny_bundle)
+    assert rc == 0, err
+    video, audio = (next(s for s in streams_of(out) if s["codec_type"] == kind) for kind in ("video", "audio"))
+    assert (video["codec_name"], video["width"], video["height"]) == ("h264", 640, 360)
+    assert int(video["nb_read_packets"]) == FRAMES
+    assert audio_packets(out) == audio_packets(media.small)  # copied: same codec, packets and payloads
+    assert f"frames {FRAMES}/{FRAMES}" in err and "fps" in err and "ETA" in err
+    assert leftovers(tmp_path) == []
+
+
+def test_frames_failing_in_the_plugin_leave_no_output(plugin, media, tmp_path, capsys):
+    """A bundle whose graph upscales by 3 while its manifest says 2: every frame fails inside the filter."""
+    import torch
+
+    from trainer.export import onnx_bytes, weights_bytes
+    from trainer.model import ModelConfig, build_model
+    from vs_selftransfer.bundle import write_bundle
+
+    torch.manual_seed(0)
+    x2, x3 = (build_model(ModelConfig(scale=s, channels=8)).eval() for s in (2, 3))
+    bundle = tmp_path / "lies_about_scale.stm"
+    write_bundle(bundle, {"arch": "carn_m", "scale": 2, "model_config": x2.cfg.to_dict()},
+                 {"weights.safetensors": weights_bytes(x2), "model.onnx": onnx_bytes(x3)})
+    out = tmp_path / "out.mkv"
+    rc, err = run(capsys, "upscale", media.small, "-o", out, "--model", bundle, "--backend", "ort")
+    assert rc == 1 and "vspipe failed" in err and "selftransfer.Upscale" in err
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_preflight_reports_filter_argument_errors_before_decoding(plugin, media, tiny_bundle, tmp_path, capsys):
+    out = tmp_path / "out.mkv"
+    rc, err = run(capsys, "upscale", media.small, "-o", out, "--model", tiny_bundle, "--backend", "trt")
+    assert rc == 2 and "selftransfer.Upscale" in err and "backend" in err
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+# -- upscale: plumbing (a resize stands in for the filter) -----------------------------------------------------
+
+@pytest.mark.parametrize("source,suffix,subtitle_codec", [("subs_mkv", ".mp4", "mov_text"),
+                                                          ("subs_mp4", ".mkv", "subrip")])
+def test_subtitles_chapters_and_metadata_are_kept(plumbing, media, tiny_bundle, tmp_path, capsys, source,
+                                                  suffix, subtitle_codec):
+    out = tmp_path / f"out{suffix}"
+    rc, err = run(capsys, "upscale", getattr(media, source), "-o", out, "--model", tiny_bundle)
+    assert rc == 0, err
+    assert f"converted to {'mov_text' if suffix == '.mp4' else 'srt'}" in err  # the container needed another codec
+    info = ffprobe(out, "-show_streams", "-show_chapters", "-show_format")
+    kinds = collections.Counter(s["codec_type"] for s in info["streams"])
+    assert kinds["video"] == 1 and kinds["audio"] == 1
+    subtitle = next(s for s in info["streams"] if s["codec_type"] == "subtitle")
+    assert subtitle["codec_name"] == subtitle_codec and subtitle["tags"].get("language") == "eng"
+    assert [c["tags"]["title"] for c in info["chapters"]] == ["Opening", "Rest"]
+    assert info["format"]["tags"].get("title") == "Bunny"
+    assert audio_packets(out) == audio_packets(media.small)
+
+
+@pytest.mark.parametrize("encoder,suffix,codec,tag", [("x265", ".mp4", "hevc", "hvc1"),
+                                                      ("ffv1", ".mkv", "ffv1", None)])
+def test_encoders(plumbing, media, tiny_bundle, tmp_path, capsys, encoder, suffix, codec, tag):
+    out = tmp_path / f"out{suffix}"
+    rc, err = run(capsys, "upscale", media.small, "-o", out, "--model", tiny_bundle, "--encoder", encoder)
+    assert rc == 0, err
+    video = next(s for s in streams_of(out) if s["codec_type"] == "video")
+    assert (video["codec_name"], video["width"], int(video["nb_read_packets"])) == (codec, 640, FRAMES)
+    if tag:
+        assert video["codec_tag_string"] == tag
+
+
+def test_video_start_offset_keeps_sync(plumbing, media, tiny_bundle, tmp_path, capsys):
+    out = tmp_path / "out.mkv"
+    assert run(capsys, "upscale", media.late, "-o", out, "--model", tiny_bundle)[0] == 0
+    starts = {s["codec_type"]: float(s["start_time"]) for s in ffprobe(out, "-show_streams")["streams"]}
+    assert starts["video"] == pytest.approx(0.2, abs=0.011) and starts["audio"] == pytest.approx(0.0, abs=0.011)
+
+
+def test_failing_frame_leaves_no_output(plumbing, media, tiny_bundle, tmp_path, capsys):
+    plumbing["fail_at"] = 5
+    out = tmp_path / "out.mkv"
+    rc, err = run(capsys, "upscale", media.small, "-o", out, "--model", tiny_bundle)
+    assert rc == 1 and "vspipe failed" in err and "frame 5 is cursed" in err
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_ffmpeg_failure_is_named_and_leaves_no_output(plumbing, media, tiny_bundle, tmp_path, capsys):
+    out = tmp_path / "out.mkv"
+    rc, err = run(capsys, "upscale", media.small, "-o", out, "--model", tiny_bundle,
+                  "--ffmpeg-args", "-c:v no_such_encoder")
+    assert rc == 1 and "ffmpeg failed" in err and "no_such_encoder" in err
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_force_replaces_existing_output(plumbing, media, tiny_bundle, tmp_path, capsys):
+    out = tmp_path / "out.mkv"
+    out.write_bytes(b"old")
+    rc, err = run(capsys, "upscale", media.small, "-o", out, "--model", tiny_bundle)
+    assert rc == 2 and "already exists" in err and out.read_bytes() == b"old"
+    assert run(capsys, "upscale", media.small, "-o", out, "--model", tiny_bundle, "--force")[0] == 0
+    assert int(streams_of(out)[0]["nb_read_packets"]) == FRAMES
+
+
+# -- bad input ------------------------------------------------------------------------------------------------
+
+def _bad_cases(media, bundle: Path, tmp: Path):
+    corrupt = tmp / "corrupt.stm"
+    corrupt.write_bytes(os.urandom(4096))
+    truncated = tmp / "truncated.stm"
+    truncated.write_bytes(bundle.read_bytes()[: bundle.stat().st_size // 2])
+    existing = tmp / "exists.mkv"
+    existing.write_bytes(b"keep me")
+    a_file = tmp / "plain_file"
+    a_file.write_text("x")
+    out = tmp / "out.mkv"
+    ok = ["--model", bundle]
+    return {
+        "missing input": ([tmp / "missing.mp4", "-o", out, *ok], "no such file", out),
+        "directory input": ([tmp, "-o", out, *ok], "directory", out),
+        "text file named .mp4": ([media.text, "-o", out, *ok], "", out),
+        "audio only": ([media.audio_only, "-o", out, *ok], "no video stream", out),
+        "missing model": ([media.small, "-o", out, "--model", tmp / "missing.stm"], "not found", out),
+        "corrupt model": ([media.small, "-o", out, "--model", corrupt], "corrupt.stm", out),
+        "truncated model": ([media.small, "-o", out, "--model", truncated], "truncated.stm", out),
+        "output exists": ([media.small, "-o", existing, *ok], "already exists", None),
+        "output folder missing": ([media.small, "-o", tmp / "no" / "out.mkv", *ok], "does not exist",
+                                  tmp / "no" / "out.mkv"),
+        "output folder is a file": ([media.small, "-o", a_file / "out.mkv", *ok], "", a_file / "out.mkv"),
+        "output is a directory": ([media.small, "-o", tmp, *ok, "--force"], "directory", None),
+        "unknown container": ([media.small, "-o", tmp / "out.avi", *ok], "unsupported container",
+                              tmp / "out.avi"),
+        "ffv1 in mp4": ([media.small, "-o", tmp / "out.mp4", *ok, "--encoder", "ffv1"], "FFV1",
+                        tmp / "out.mp4"),
+        "unknown encoder": ([media.small, "-o", out, *ok, "--encoder", "vp9"], "--encoder", out),
+        "crf out of range": ([media.small, "-o", out, *ok, "--crf", "99"], "--crf", out),
+        "crf with ffv1": ([media.small, "-o", out, *ok, "--encoder", "ffv1", "--crf", "10"], "--crf", out),
+        "unknown preset": ([media.small, "-o", out, *ok, "--preset", "warp"], "--preset", out),
+        "unparsable ffmpeg args": ([media.small, "-o", out, *ok, "--ffmpeg-args", "-metadata 'x"],
+                                   "--ffmpeg-args", out),
+        "bad tilesize": ([media.small, "-o", out, *ok, "--tilesize", "big"], "--tilesize", out),
+        "output is the input": ([media.small, "-o", media.small, *ok, "--force"], "is the input video", None),
+    }
+
+
+def test_bad_inputs_fail_early_with_a_clear_message(media, tiny_bundle, tmp_path, capsys):
+    before_small = media.small.read_bytes()
+    for name, (args, needle, must_not_exist) in _bad_cases(media, tiny_bundle, tmp_path).items():
+        rc, err = run(capsys, "upscale", *args)
+        assert rc == 2, f"{name}: exit {rc}, {err}"
+        assert err.startswith("selftransfer upscale: error: ") and err.count("\n") == 1, f"{name}: {err}"
+        assert needle in err, f"{name}: {err!r} does not mention {needle!r}"
+        if must_not_exist is not None:
+            assert not must_not_exist.exists(), name
+        assert leftovers(tmp_path) == [], name
+    assert (tmp_path / "exists.mkv").read_bytes() == b"keep me"
+    assert media.small.read_bytes() == before_small
+
+
+def test_unwritable_output_folder(media, tiny_bundle, tmp_path, capsys):
+    folders = []
+    if os.geteuid() != 0:  # root writes anywhere the permission bits forbid
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o500)
+        folders.append(locked)
+    if Path("/proc/self").is_dir():  # nobody, not even root, creates files in /proc
+        folders.append(Path("/proc"))
+    if not folders:
+        pytest.skip("no unwritable folder available on this system")
+    try:
+        for folder in folders:
+            rc, err = run(capsys, "upscale", media.small, "-o", folder / "out.mkv", "--model", tiny_bundle)
+            assert rc == 2 and "cannot write" in err, err
+            assert not (folder / "out.mkv").exists()
+    finally:
+        if os.geteuid() != 0:
+            (tmp_path / "locked").chmod(0o700)
+
+
+# -- kills ----------------------------------------------------------------------------------------------------
+
+SLOW_UPSCALE = textwrap.dedent("""\
+    import sys
+    sys.path.insert(0, {tests!r})
+    from trainer import upscale as up
+    from test_upscale import resize_script
+    up.build_script = lambda *a, **k: resize_script(*a, **k, sleep=0.5)
+    up.preflight = lambda *a, **k: None
+    from trainer.cli import main
+    sys.exit(main(sys.argv[1:]))
+    """)
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(x) for x in path.read_text().split()] if path.exists() else []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"  # a zombie has exited; only its (new) parent has not reaped it yet
+
+
+def _start_slow_upscale(media, bundle, out: Path):
+    """A real ``selftransfer upscale`` process, slowed to 0.5 s a frame, once ffmpeg has begun writing."""
+    code = SLOW_UPSCALE.format(tests=str(Path(__file__).parent))
+    proc = subprocess.Popen([sys.executable, "-c", code, "upscale", str(media.small), "-o", str(out), "--model",
+                             str(bundle)], stderr=subprocess.PIPE, text=True)
+    partial = up.partial_path(out)
+    deadline = time.monotonic() + 120
+    while not (partial.exists() and partial.stat().st_size > 0 and len(_children(proc.pid)) == 2):
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, "the pipeline did not start"
+        time.sleep(0.1)
+    return proc, _children(proc.pid)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and PR_SET_PDEATHSIG")
+def test_sigkill_leaves_no_output_and_no_orphans(media, tiny_bundle, tmp_path, capsys, plumbing):
+    out = tmp_path / "out.mkv"
+    proc, children = _start_slow_upscale(media, tiny_bundle, out)
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while any(_alive(c) for c in children) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(c) for c in children), "vspipe/ffmpeg outlived a SIGKILLed selftransfer"
+    assert not out.exists()
+    assert leftovers(tmp_path) == [up.partial_path(out).name]  # obviously unfinished, and...
+    rc, err = run(capsys, "upscale", media.small, "-o", out, "--model", tiny_bundle)
+    assert rc == 0, err
+    assert leftovers(tmp_path) == [] and int(streams_of(out)[0]["nb_read_packets"]) == FRAMES  # ...cleaned up
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_ctrl_c_stop_everything_and_remove_the_partial_file(media, tiny_bundle, tmp_path, sig):
+    out = tmp_path / "out.mkv"
+    proc, children = _start_slow_upscale(media, tiny_bundle, out)
+    proc.send_signal(sig)
+    rc = proc.wait(timeout=60)
+    err = proc.stderr.read()
+    assert rc == 128 + sig, err
+    assert not any(_alive(c) for c in children)
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+# -- units ----------------------------------------------------------------------------------------------------
+
+def test_vspipe_progress_parsing_across_chunk_boundaries():
+    stream = SimpleNamespace(write=lambda s: None, flush=lambda: None, isatty=lambda: False)
+    lines = []
+    stream.write = lines.append
+    progress = up.Progress(total=None, stream=stream)
+    tail = collections.deque(maxlen=10)
+    chunks = ["Information: VideoSource track #0 index pro", "gress 40%\nScript evaluation done in 0.1 seconds\n",
+              "Frame: 1/12\rFra", "me: 5/12\r", "Output 12 frames in 1.00 seconds (12.00 fps)\nError: boom\n"]
+    up.parse_vspipe_stderr(iter(chunks), progress, tail)
+    assert (progress.done, progress.total) == (12, 12)
+    assert list(tail) == ["Script evaluation done in 0.1 seconds", "Error: boom"]
+    assert any("frames 12/12 (100%)" in line for line in lines)
+
+
+def test_blame_goes_to_the_process_that_failed_first():
+    def proc(code, pid):
+        return SimpleNamespace(returncode=code, pid=pid)
+
+    vs_tail, ff_tail = ["vspipe says"], ["ffmpeg says"]
+    with pytest.raises(up.PipelineError, match="ffmpeg failed"):  # ffmpeg died; vspipe then got SIGPIPE
+        up._raise_on_failure(proc(-signal.SIGPIPE, 1), proc(1, 2), vs_tail, ff_tail, set(), None)
+    with pytest.raises(up.PipelineError, match="vspipe failed"):  # the script failed; ffmpeg saw no input
+        up._raise_on_failure(proc(1, 1), proc(1, 2), vs_tail, ff_tail, set(), None)
+    with pytest.raises(up.PipelineError, match="vspipe failed.*\n.*vspipe says"):  # we killed ffmpeg after
+        up._raise_on_failure(proc(1, 1), proc(-9, 2), vs_tail, ff_tail, {2}, None)
+    up._raise_on_failure(proc(0, 1), proc(0, 2), vs_tail, ff_tail, set(), None)
+
+
+def test_ffmpeg_command_and_colour_tags(tmp_path):
+    streams = up.SourceStreams(video={"index": 1, "start_time": "0.250", "tags": {"language": "jpn"}},
+                               audio=[{"index": 0}], subtitles=[], attachments=[], chapters=0, start_time=0.0)
+    plan = up.StreamPlan(maps=["-map", "0:0"], codec_args=[], warnings=[])
+    cmd = up.build_ffmpeg_command("ffmpeg", Path("in.mp4"), Path(".out.mkv.partial.mkv"), muxer="matroska",
+                                  video_args=["-c:v", "libx264"], streams=streams, plan=plan, extra=["-g", "48"])
+    joined = " ".join(cmd)
+    assert "-itsoffset 0.250000 -f yuv4mpegpipe -i pipe:0 -i in.mp4 -map 0:v:0 -map 1:0" in joined
+    assert "-map_metadata 1 -map_chapters 1" in joined and "-metadata:s:v:0 language=jpn" in joined
+    assert cmd[-4:] == ["-f", "matroska", "-y", ".out.mkv.partial.mkv"]  # the muxer never comes from the name
+    assert joined.index("-c:v libx264") < joined.index("-g 48")  # user options come after ours and win
+    sd_untagged = {"width": 640, "height": 360}
+    assert up.color_args(sd_untagged, 1280, 720) == ["-colorspace", "smpte170m"]
+    assert up.color_args(sd_untagged, 960, 540) == []
+    assert up.color_args({"width": 640, "height": 360, "color_space": "bt709", "color_range": "tv"}, 1280, 720) \
+        == ["-color_range", "tv", "-colorspace", "bt709"]

@@ -1,0 +1,796 @@
+"""``selftransfer eval``: does self-transfer beat the generic model on the video's own unseen frames?
+
+Protocol (also written into every report):
+
+* HR = the video's frames (RGB 8-bit, cropped to a multiple of the scale); LR = the bundle's degradation of each
+  HR frame (``trainer.degrade.degrade`` with the manifest's ``degradation``, or ``--degradation``/``--crf``).
+* Test frames = frames the bundle never learned from: not a training frame (manifest ``frames.train``) and, unless
+  ``--include-val``, not a validation frame either (``frames.val`` chose the checkpoint that was shipped, so it is
+  not an unbiased test). Each test frame belongs to one subset: *near* (within ``--near-seconds``, default 1 s, of a
+  training frame) or *far* (further away: transfer from non-adjacent content, the seed's claim).
+* Sampling keeps a long video to minutes on 2 cores: by default up to 24 test frames, taken as pairs of consecutive
+  frames (t, t+1) so that temporal flicker can be measured, spread evenly over the video (stratified, ``--seed``
+  picks inside each stratum) and with at least a third of the pairs far when far frames exist.
+  ``--every K`` takes pairs starting at every K-th frame; ``--all`` takes every test frame.
+* Methods, all on exactly the same LR input: bicubic (MATLAB ``imresize`` bicubic upsampling, a = -0.5, as in
+  the SR literature's bicubic baseline), the generic CARN-M (official weights, ``--generic``), the self-transfer
+  bundle in PyTorch, and the bundle through the deployed path (``core.selftransfer.Upscale`` in VapourSynth on an
+  RGB24 clip of the LR frames), which must agree with the PyTorch run. Every network run goes through
+  ``vs_selftransfer.tiling.upscale_image`` with an overlap of 24 LR px (> the receptive radius, so tiles are exact).
+* Metrics: see ``trainer/metrics.py``. Y-PSNR and Y-SSIM (BT.601 studio range as MATLAB ``rgb2ycbcr``, border of
+  ``scale`` px shaved, outputs clipped and rounded to 8 bits first), RGB PSNR (same shave), temporal flicker on
+  consecutive test frames. The report's schema is documented in ``trainer/report.py``.
+
+The report directory is built in a temporary directory next to it and renamed into place only when complete.
+"""
+from __future__ import annotations
+
+import argparse
+import bisect
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from trainer.cli import UserError
+from trainer.metrics import flicker, psnr_rgb, psnr_y, quantize, rgb_to_y, ssim_y
+
+DEFAULT_FRAMES = 24
+NEAR_SECONDS = 1.0
+OVERLAP = 24  # LR px of context around each tile: more than the network's receptive radius (22)
+AUTO_TILE_PIXELS = 1_000_000  # LR frames up to this many pixels run whole; larger ones in tiles of AUTO_TILE
+AUTO_TILE = 512
+CROP = 192  # HR px of the side-by-side crops
+DEPLOYED_TOLERANCE_DB = 0.01
+METHODS = ("bicubic", "generic", "selftransfer")
+DEPLOYED = "deployed"
+FAR = "far"
+NEAR = "near"
+
+
+# -- which frames ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class UnseenFrame:
+    index: int
+    subset: str  # NEAR or FAR
+    distance: float  # seconds to the nearest training frame (inf when no training frame is known)
+    is_val: bool = False
+
+
+def frame_indices(entries, what: str, n_frames: int) -> list[int]:
+    """The manifest's frame list as sorted ints; entries may be ints or objects with an ``index``."""
+    if entries is None:
+        return []
+    if not isinstance(entries, list):
+        raise UserError(f"bundle manifest frames.{what} must be a list of frame indices")
+    out = []
+    for e in entries:
+        i = e.get("index") if isinstance(e, dict) else e
+        if type(i) is not int or i < 0:
+            raise UserError(f"bundle manifest frames.{what} holds {e!r}, which is not a frame index")
+        if i >= n_frames:
+            raise UserError(f"bundle manifest frames.{what} names frame {i} but the video has {n_frames} frames: "
+                            "the bundle was not trained on this video")
+        out.append(i)
+    return sorted(set(out))
+
+
+def split_frames(n_frames: int, fps: float, train: list[int], val: list[int], *,
+                 near_seconds: float = NEAR_SECONDS, include_val: bool = False,
+                 times: list[float] | None = None) -> list[UnseenFrame]:
+    """Every frame that may be tested, in index order, with its near/far subset. Distances are in seconds:
+    from the frames' timestamps ``times`` when given (exact for variable frame rate), else index / fps."""
+    if n_frames <= 0:
+        raise ValueError(f"n_frames must be positive, not {n_frames}")
+    if not fps > 0:
+        raise ValueError(f"fps must be positive, not {fps}")
+    if times is None:
+        times = [i / fps for i in range(n_frames)]
+    elif len(times) != n_frames:
+        raise ValueError(f"times has {len(times)} entries for {n_frames} frames")
+    train_sorted = sorted(set(train))
+    train_set, val_set = set(train_sorted), set(val)
+    out = []
+    for i in range(n_frames):
+        if i in train_set or (i in val_set and not include_val):
+            continue
+        if train_sorted:
+            k = bisect.bisect_left(train_sorted, i)
+            distance = min(abs(times[i] - times[train_sorted[j]]) for j in (k - 1, k) if 0 <= j < len(train_sorted))
+        else:
+            distance = math.inf
+        out.append(UnseenFrame(i, NEAR if distance <= near_seconds else FAR, distance, i in val_set))
+    return out
+
+
+def _stratified(items: list, k: int, rng: np.random.Generator) -> list:
+    """k items spread over the list: one picked at random inside each of k equal strata."""
+    if k <= 0:
+        return []
+    if k >= len(items):
+        return list(items)
+    edges = np.linspace(0, len(items), k + 1)
+    picks = []
+    for a, b in zip(edges[:-1], edges[1:]):
+        lo, hi = int(math.floor(a)), max(int(math.floor(b)), int(math.floor(a)) + 1)
+        picks.append(items[int(rng.integers(lo, hi))])
+    return picks
+
+
+def sample_frames(candidates: list[UnseenFrame], *, count: int | None = DEFAULT_FRAMES, every: int | None = None,
+                  all_frames: bool = False, seed: int = 0) -> list[UnseenFrame]:
+    """Choose the test frames among ``candidates`` (see the module docstring); returns them in index order."""
+    by_index = {c.index: c for c in candidates}
+    if all_frames:
+        return list(candidates)
+    if every is not None:
+        if every < 1:
+            raise ValueError(f"every must be >= 1, not {every}")
+        chosen = {i for c in candidates if c.index % every == 0 for i in (c.index, c.index + 1) if i in by_index}
+        return [by_index[i] for i in sorted(chosen)]
+    if count is None or count < 1:
+        raise ValueError(f"count must be >= 1, not {count}")
+    if count >= len(candidates):
+        return list(candidates)
+    rng = np.random.default_rng(seed)
+    # Disjoint pairs (t, t+1) inside runs of consecutive candidates, grouped by the subset of their first frame.
+    pairs: dict[str, list[int]] = {NEAR: [], FAR: []}
+    taken: set[int] = set()
+    for c in candidates:
+        if c.index not in taken and c.index + 1 in by_index:
+            pairs[c.subset].append(c.index)
+            taken.update((c.index, c.index + 1))
+    n_pairs = min(count // 2, len(pairs[NEAR]) + len(pairs[FAR]))
+    n_far = 0
+    if pairs[FAR]:
+        share = len(pairs[FAR]) / (len(pairs[NEAR]) + len(pairs[FAR]))
+        n_far = min(len(pairs[FAR]), max(math.ceil(n_pairs / 3), round(n_pairs * share)) if n_pairs else 0)
+    n_near = min(len(pairs[NEAR]), n_pairs - n_far)
+    n_far = min(len(pairs[FAR]), n_pairs - n_near)
+    chosen: set[int] = set()
+    for start in _stratified(pairs[NEAR], n_near, rng) + _stratified(pairs[FAR], n_far, rng):
+        chosen.update((start, start + 1))
+    # Odd counts, or too few consecutive pairs: single frames spread over the rest.
+    rest = [c.index for c in candidates if c.index not in chosen]
+    chosen.update(_stratified(rest, count - len(chosen), rng))
+    return [by_index[i] for i in sorted(chosen)]
+
+
+# -- upscalers ------------------------------------------------------------------------------------------------
+def bicubic_upscale(lr: np.ndarray, scale: int) -> np.ndarray:
+    """LR uint8 HWC -> (3, sH, sW) float in [0, 1] on the 8-bit grid: MATLAB ``imresize(lr, scale)`` bicubic
+    on the uint8 image (rounded after each axis, as MATLAB does), the bicubic baseline of SR papers."""
+    from trainer.degrade import imresize
+
+    up = imresize(np.asarray(lr, np.uint8), scale)
+    return np.moveaxis(up, -1, 0).astype(np.float64) / 255.0
+
+
+def torch_runner(model, device: str):
+    import torch
+
+    model = model.to(device).eval()
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(x).to(device)).float().cpu().numpy()
+
+    return run
+
+
+class DeployedPath:
+    """The bundle through ``core.selftransfer.Upscale`` (via ``vs_selftransfer.upscale``) on an RGB24 clip of the
+    LR frames. Clip frame 0 is a black placeholder (the filter reads a frame when it is created, to learn the
+    clip's properties); the LR frame of test frame ``n`` is clip frame ``n + 1``, filled when it is requested."""
+
+    def __init__(self, model_path: str, n_frames: int, lr_width: int, lr_height: int, tile: int):
+        import vapoursynth as vs
+
+        import vs_selftransfer
+
+        core = vs.core
+        self._frames: dict[int, np.ndarray] = {}
+        src = core.std.BlankClip(format=vs.RGB24, width=lr_width, height=lr_height, length=n_frames + 1,
+                                 fpsnum=1, fpsden=1)
+        src = core.std.ModifyFrame(src, src, self._fill)
+        self.clip = vs_selftransfer.upscale(src, model_path, overlap=OVERLAP, tilesize=tile)
+
+    def _fill(self, n, f):
+        if n == 0:
+            return f
+        lr = self._frames[n]
+        out = f.copy()
+        for p in range(3):
+            np.copyto(np.asarray(out[p]), lr[..., p])
+        return out
+
+    def __call__(self, n: int, lr: np.ndarray) -> np.ndarray:
+        """Output for test frame ``n`` from LR uint8 HWC: (3, sH, sW) float on the 8-bit grid."""
+        self._frames[n + 1] = lr
+        try:
+            with self.clip.get_frame(n + 1) as frame:
+                planes = [np.array(frame[p], copy=True) for p in range(3)]
+        finally:
+            del self._frames[n + 1]
+        return np.stack(planes).astype(np.float64) / 255.0
+
+
+def deployed_unavailable() -> str | None:
+    """None when ``core.selftransfer`` can be used here, else why not (loading the dev build when not installed)."""
+    try:
+        import vapoursynth as vs
+    except ImportError as e:
+        return f"VapourSynth is not importable ({e})"
+    core = vs.core
+    if hasattr(core, "selftransfer"):
+        return None
+    dev = Path(__file__).resolve().parents[1] / "build" / "vsplugin" / "libselftransfer.so"
+    if dev.is_file():
+        try:
+            core.std.LoadPlugin(str(dev))
+        except vs.Error as e:
+            return f"the development build {dev} does not load: {e}"
+        if hasattr(core, "selftransfer"):
+            return None
+    return ("the selftransfer VapourSynth plugin is not installed (pip install . , or build it in place with "
+            "`python setup.py build_ext --inplace` and set VAPOURSYNTH_EXTRA_PLUGIN_PATH=build/vsplugin)")
+
+
+# -- the run --------------------------------------------------------------------------------------------------
+@dataclass
+class Options:
+    video: str
+    model: str
+    output: str
+    scale: int | None = None
+    degradation: str | None = None
+    crf: int | None = None
+    frames: int | None = DEFAULT_FRAMES
+    every: int | None = None
+    all_frames: bool = False
+    include_val: bool = False
+    near_seconds: float = NEAR_SECONDS
+    generic: str = "official"
+    deployed: bool = True
+    force: bool = False
+    tile: int | None = None
+    seed: int = 0
+    threads: int = 0
+    device: str = "cpu"
+    progress: bool = True
+
+
+def _check_options(o: Options) -> None:
+    if o.scale is not None and o.scale not in (2, 3, 4):
+        raise UserError(f"--scale must be 2, 3 or 4, not {o.scale}")
+    from trainer.degrade import DEGRADATIONS
+
+    if o.degradation is not None and o.degradation not in DEGRADATIONS:
+        raise UserError(f"--degradation must be one of {list(DEGRADATIONS)}, not {o.degradation!r}")
+    if o.crf is not None and not 0 <= o.crf <= 51:
+        raise UserError(f"--crf must be between 0 and 51, not {o.crf}")
+    if o.every is not None and o.every < 1:
+        raise UserError(f"--every must be at least 1, not {o.every}")
+    if o.frames is not None and o.frames < 1:
+        raise UserError(f"--frames must be at least 1, not {o.frames}")
+    if not o.near_seconds > 0:
+        raise UserError(f"--near-seconds must be positive, not {o.near_seconds}")
+    if o.tile is not None and o.tile != 0 and o.tile < 16:
+        raise UserError(f"--tile must be 0 (whole frame) or at least 16 LR pixels, not {o.tile}")
+    if o.seed < 0:
+        raise UserError(f"--seed must be >= 0, not {o.seed}")
+    if o.threads < 0:
+        raise UserError(f"--threads must be >= 0, not {o.threads}")
+    if o.device not in ("cpu", "cuda"):
+        raise UserError(f"--device must be cpu or cuda, not {o.device!r}")
+    if o.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: PyTorch sees no CUDA device here; use --device cpu")
+    if o.generic != "official" and not os.path.isfile(o.generic):
+        raise UserError(f"--generic {o.generic}: no such file (pass 'official' or a .pth/.safetensors/.stm path)")
+    out = Path(o.output)
+    if out.exists():
+        if not out.is_dir():
+            raise UserError(f"-o {out}: exists and is not a directory")
+        if not o.force:
+            raise UserError(f"-o {out}: already exists (pass --force to replace it)")
+        if any(out.iterdir()) and not (out / "report.json").is_file():
+            raise UserError(f"-o {out}: exists and does not look like an eval report (no report.json); "
+                            "refusing to replace it even with --force")
+
+
+def _degradation(manifest: dict, o: Options, warnings: list[str]) -> dict:
+    from trainer.degrade import DEGRADATIONS
+
+    trained = manifest.get("degradation")
+    if not isinstance(trained, dict) or trained.get("method") not in DEGRADATIONS:
+        trained = None
+        if o.degradation is None:
+            warnings.append("the bundle does not record its degradation; using bicubic (pass --degradation)")
+    method = o.degradation or (trained or {}).get("method", "bicubic")
+    if method not in DEGRADATIONS:
+        raise UserError(f"--degradation must be one of {list(DEGRADATIONS)}, not {method!r}")
+    deg = {"method": method}
+    if method == "x264":
+        crf = o.crf if o.crf is not None else (trained or {}).get("crf", 23)
+        if type(crf) is not int or not 0 <= crf <= 51:
+            raise UserError(f"bundle manifest degradation.crf {crf!r} is not an integer in 0..51; pass --crf")
+        deg["crf"] = crf
+    elif o.crf is not None:
+        raise UserError(f"--crf only applies to --degradation x264, not {method}")
+    if trained is not None and (deg["method"] != trained["method"]
+                                or ("crf" in deg and deg["crf"] != trained.get("crf", 23))):
+        warnings.append(f"evaluating with degradation {deg}, but the bundle was trained on {trained}")
+    return deg
+
+
+def _generic_model(spec: str, scale: int):
+    from trainer.model import ModelConfig
+    from trainer.weights import initial_model, official_checkpoint, sha256_file
+
+    try:
+        if spec == "official":
+            path = official_checkpoint("carn_m")
+            label = "official CARN-M (nmhkahn/CARN-pytorch)"
+        else:
+            path = Path(spec)
+            label = str(path)
+        if str(path).endswith(".stm"):
+            from vs_selftransfer.bundle import Bundle
+            b = Bundle.open(path)
+            if b.scale != scale:
+                raise UserError(f"--generic {path} is a x{b.scale} bundle, the model under test is x{scale}")
+            model = b.torch_model()
+        else:
+            model = initial_model(ModelConfig(arch="carn_m", scale=scale), str(path))
+    except (RuntimeError, ValueError) as e:
+        if isinstance(e, UserError):
+            raise
+        raise UserError(f"--generic {spec}: {e}") from None
+    return model, {"spec": spec, "label": label, "path": str(path), "sha256": sha256_file(path)}
+
+
+def _resolve_tile(tile: int | None, lr_w: int, lr_h: int) -> int:
+    if tile is not None:
+        return tile
+    return 0 if lr_w * lr_h <= AUTO_TILE_PIXELS else AUTO_TILE
+
+
+def _crop_box(diff: np.ndarray, size: int, scale: int, largest: bool) -> tuple[int, int]:
+    """Top-left (y, x) of the size x size HR window with the largest (or smallest) mean of ``diff``, on the
+    LR grid (multiples of ``scale``) so the LR crop lines up with it."""
+    import cv2
+
+    h, w = diff.shape
+    mean = cv2.boxFilter(diff.astype(np.float32), -1, (size, size), normalize=True, borderType=cv2.BORDER_REFLECT)
+    r0, r1 = size // 2, size // 2 + 1
+    valid = mean[r0:h - size + r1, r0:w - size + r1] if h >= size and w >= size else mean[:1, :1]
+    flat = int(np.argmax(valid) if largest else np.argmin(valid))
+    cy, cx = divmod(flat, valid.shape[1])
+    y = max(0, min(h - size, cy)) // scale * scale
+    x = max(0, min(w - size, cx)) // scale * scale
+    return y, x
+
+
+def _crops(frame: dict, lr: np.ndarray, outputs: dict, hr: np.ndarray, scale: int, largest: bool) -> dict:
+    """The side-by-side panels of one frame, at the place where self-transfer helps most (or least)."""
+    h, w = hr.shape[1:]
+    size = max(scale, min(CROP, h, w) // scale * scale)
+    y_hr = rgb_to_y(hr)
+    gain_map = (rgb_to_y(outputs["generic"]) - y_hr) ** 2 - (rgb_to_y(outputs["selftransfer"]) - y_hr) ** 2
+    y, x = _crop_box(gain_map, size, scale, largest)
+    ly, lx, ls = y // scale, x // scale, size // scale
+    lr_crop = np.repeat(np.repeat(lr[ly:ly + ls, lx:lx + ls], scale, 0), scale, 1)
+    to_u8 = lambda a: np.round(np.moveaxis(a[:, y:y + size, x:x + size], 0, -1) * 255).astype(np.uint8)  # noqa: E731
+    panels = [("LR (nearest x%d)" % scale, lr_crop, None)]
+    for name in METHODS:
+        crop_psnr = psnr_y(outputs[name][:, y:y + size, x:x + size], hr[:, y:y + size, x:x + size], 0)
+        panels.append((name, to_u8(outputs[name]), (frame["metrics"][name]["psnr_y"], crop_psnr)))
+    panels.append(("HR", to_u8(hr), None))
+    return {"index": frame["index"], "time": frame["time"], "subset": frame["subset"],
+            "gain": frame["gain_psnr_y"], "box": [int(x), int(y), int(size), int(size)], "panels": panels}
+
+
+@dataclass
+class Setup:
+    """Everything decided before the first frame is decoded."""
+    bundle: object
+    info: object
+    scale: int
+    degradation: dict
+    video_sha: str
+    same_video: bool
+    train: list[int]
+    val: list[int]
+    candidates: list[UnseenFrame]
+    tests: list[UnseenFrame]
+    tile: int
+    hr_size: tuple[int, int]  # (width, height)
+    warnings: list[str]
+
+
+def prepare(o: Options) -> Setup:
+    """Validate the inputs and choose the test frames (cheap: nothing is decoded and no network is run)."""
+    from trainer.video import frame_table, probe
+    from vs_selftransfer.bundle import Bundle
+
+    _check_options(o)
+    warnings: list[str] = []
+    bundle = Bundle.open(o.model)
+    scale = bundle.scale
+    if o.scale is not None and o.scale != scale:
+        raise UserError(f"--scale {o.scale} does not match the bundle, which upscales x{scale}")
+    info = probe(o.video)
+    hr_w, hr_h = info.width // scale * scale, info.height // scale * scale
+    if min(hr_w, hr_h) < 11 + 2 * scale:
+        raise UserError(f"{o.video}: {info.width}x{info.height} is too small to evaluate at x{scale} "
+                        f"(at least {11 + 2 * scale} px a side are needed for SSIM after shaving the border)")
+    manifest = bundle.manifest
+    degradation = _degradation(manifest, o, warnings)
+
+    # Which frames the bundle learned from, and whether they are frames of this video at all.
+    frames_meta = manifest.get("frames") if isinstance(manifest.get("frames"), dict) else None
+    source = manifest.get("source") if isinstance(manifest.get("source"), dict) else {}
+    same_video = source.get("sha256") in (None, info.sha256)
+    train: list[int] = []
+    val: list[int] = []
+    if frames_meta is None:
+        warnings.append("the bundle records no training frames: every frame counts as unseen and far")
+    elif not same_video:
+        warnings.append(f"the bundle was trained on another video (source sha256 {source.get('sha256')}, this "
+                        f"video {info.sha256}): every frame counts as unseen and far")
+    else:
+        train = frame_indices(frames_meta.get("train"), "train", info.frames)
+        val = frame_indices(frames_meta.get("val"), "val", info.frames)
+    table = frame_table(o.video)
+    times = ([float(pts * table.time_base) for pts in table.pts]
+             if table.pts is not None and len(table.pts) == info.frames else None)
+    candidates = split_frames(info.frames, info.fps, train, val, near_seconds=o.near_seconds,
+                              include_val=o.include_val, times=times)
+    if not candidates:
+        raise UserError(f"{o.video}: every frame is a training{'' if o.include_val else ' or validation'} frame; "
+                        "nothing is left to test")
+    tests = sample_frames(candidates, count=None if (o.every or o.all_frames) else o.frames, every=o.every,
+                          all_frames=o.all_frames, seed=o.seed)
+    if not tests:
+        raise UserError(f"--every {o.every} selects no test frame of this {info.frames}-frame video")
+    return Setup(bundle, info, scale, degradation, info.sha256, same_video, train, val, candidates, tests,
+                 _resolve_tile(o.tile, hr_w // scale, hr_h // scale), (hr_w, hr_h), warnings)
+
+
+def evaluate(o: Options) -> dict:
+    """Run the whole evaluation and write the report directory; returns the report (as written to report.json)."""
+    import shutil
+    import tempfile
+
+    from trainer.report import write_report_dir
+
+    started = time.time()
+    out = Path(o.output)
+    setup = prepare(o)
+    if not out.parent.is_dir():
+        raise UserError(f"-o {out}: the folder {out.parent} does not exist; create it first")
+    try:  # created now, so an unwritable folder fails before minutes of work
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as e:
+        raise UserError(f"-o {out}: cannot write in {out.parent} ({e.strerror or e})") from None
+    try:
+        result = run_frames(o, setup)
+        report = build_report(o, setup, result, time.time() - started)
+        report = write_report_dir(report, tmp_dir, result["crops"])
+        _install(tmp_dir, out, o.force)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return report
+
+
+def run_frames(o: Options, setup: Setup) -> dict:
+    """Decode the test frames, run every method on the same LR input, and measure."""
+    import torch
+    from tqdm import tqdm
+
+    from trainer.degrade import crop_to_scale, degrade
+    from trainer.video import read_frames
+    from vs_selftransfer.tiling import upscale_image
+
+    scale, tile, tests = setup.scale, setup.tile, setup.tests
+    hr_w, hr_h = setup.hr_size
+    torch.set_num_threads(o.threads or os.cpu_count() or 1)
+    generic_model, generic_info = _generic_model(o.generic, scale)
+    run_generic = torch_runner(generic_model, o.device)
+    run_self = torch_runner(setup.bundle.torch_model(), o.device)
+    methods = list(METHODS)
+    deployed = None
+    deployed_info: dict = {"status": "skipped", "reason": "--no-deployed"}
+    if o.deployed:
+        reason = deployed_unavailable()
+        if reason:
+            deployed_info = {"status": "skipped", "reason": reason}
+            setup.warnings.append(f"deployed path not checked: {reason}")
+            print(f"selftransfer eval: warning: deployed path not checked: {reason}", file=sys.stderr)
+        else:
+            import vapoursynth as vs
+            try:
+                deployed = DeployedPath(str(Path(o.model).resolve()), len(tests), hr_w // scale, hr_h // scale,
+                                        tile)
+            except vs.Error as e:
+                reason = str(e).strip().splitlines()[0]
+                deployed_info = {"status": "error", "reason": reason}
+                setup.warnings.append(f"the deployed path could not be set up: {reason}")
+                print(f"selftransfer eval: warning: the deployed path could not be set up: {reason}",
+                      file=sys.stderr)
+            else:
+                methods.append(DEPLOYED)
+                deployed_info = {"status": "ok"}
+
+    frames, pairs, timing = [], [], {m: 0.0 for m in methods}
+    best = worst = None
+    previous = None  # (index, outputs, hr) of the last frame, for flicker
+    by_index = {t.index: t for t in tests}
+    position = {t.index: n for n, t in enumerate(tests)}
+    deg = setup.degradation
+    with tqdm(total=len(tests), unit="frame", desc="eval", disable=not o.progress, dynamic_ncols=True,
+              file=sys.stderr) as bar:
+        for index, pts, rgb in read_frames(o.video, list(by_index)):
+            hr_u8 = crop_to_scale(rgb, scale)
+            if hr_u8.shape[:2] != (hr_h, hr_w):
+                raise UserError(f"{o.video}: frame {index} is {rgb.shape[1]}x{rgb.shape[0]}, not the "
+                                f"{setup.info.width}x{setup.info.height} of the stream (variable frame size)")
+            lr = degrade(rgb, scale, deg["method"], crf=deg.get("crf", 23))
+            hr = np.moveaxis(hr_u8, -1, 0).astype(np.float64) / 255.0
+            lr_chw = np.ascontiguousarray(np.moveaxis(lr, -1, 0), np.float32) / 255.0
+            runs = {"bicubic": lambda: bicubic_upscale(lr, scale),
+                    "generic": lambda: quantize(upscale_image(run_generic, lr_chw, scale, tile, OVERLAP)),
+                    "selftransfer": lambda: quantize(upscale_image(run_self, lr_chw, scale, tile, OVERLAP)),
+                    DEPLOYED: lambda: _run_deployed(deployed, position[index], lr, index)}
+            outputs = {}
+            for m in methods:
+                t0 = time.perf_counter()
+                outputs[m] = runs[m]()
+                timing[m] += time.perf_counter() - t0
+            t = by_index[index]
+            metrics = {m: {"psnr_y": psnr_y(outputs[m], hr, scale), "ssim_y": ssim_y(outputs[m], hr, scale),
+                           "psnr_rgb": psnr_rgb(outputs[m], hr, scale)} for m in methods}
+            frame = {"index": index, "time": float(pts), "subset": t.subset, "distance_s": t.distance,
+                     "is_val": t.is_val, "metrics": metrics,
+                     "gain_psnr_y": metrics["selftransfer"]["psnr_y"] - metrics["generic"]["psnr_y"]}
+            if deployed is not None:
+                diff = np.abs(np.round(outputs[DEPLOYED] * 255) - np.round(outputs["selftransfer"] * 255))
+                frame["deployed_vs_torch"] = {"max_abs_diff_levels": int(diff.max()),
+                                              "pixels_differing": float(np.mean(diff.max(axis=0) > 0))}
+            frames.append(frame)
+            if previous is not None and previous[0] == index - 1:
+                _, prev_out, prev_hr = previous
+                pairs.append({"index": index, "subset": t.subset,
+                              "flicker": {m: flicker(prev_out[m], outputs[m], prev_hr, hr, scale) for m in methods}})
+            previous = (index, outputs, hr)
+            g = frame["gain_psnr_y"]
+            if math.isfinite(g):  # an exact frame (infinite PSNR) has no meaningful gain to show
+                if best is None or g > best["gain"]:
+                    best = _crops(frame, lr, outputs, hr, scale, largest=True)
+                if worst is None or g < worst["gain"]:
+                    worst = _crops(frame, lr, outputs, hr, scale, largest=False)
+            bar.update(1)
+            gains = [f["gain_psnr_y"] for f in frames if math.isfinite(f["gain_psnr_y"])]
+            if gains:
+                bar.set_postfix_str(f"gain over generic {np.mean(gains):+.3f} dB")
+
+    if deployed is not None:
+        deployed_info.update(_deployed_summary(frames))
+        if not deployed_info["agree"]:
+            msg = (f"the deployed path disagrees with PyTorch by up to {deployed_info['max_abs_psnr_y_diff']:.4f} "
+                   f"dB Y-PSNR (tolerance {DEPLOYED_TOLERANCE_DB} dB)")
+            setup.warnings.append(msg)
+            print(f"selftransfer eval: warning: {msg}", file=sys.stderr)
+    return {"frames": frames, "pairs": pairs, "methods": methods, "generic": generic_info,
+            "deployed": deployed_info, "timing": {m: timing[m] / len(frames) for m in methods},
+            "crops": {"largest_gain": best, "smallest_gain": worst}}
+
+
+def _run_deployed(deployed: DeployedPath, n: int, lr: np.ndarray, index: int) -> np.ndarray:
+    import vapoursynth as vs
+
+    try:
+        return deployed(n, lr)
+    except vs.Error as e:
+        raise UserError(f"the deployed path (core.selftransfer.Upscale) failed on frame {index}: "
+                        f"{str(e).strip()}; rerun with --no-deployed to evaluate without it") from None
+
+
+def build_report(o: Options, setup: Setup, result: dict, elapsed: float) -> dict:
+    from trainer import __version__
+
+    info, bundle, manifest = setup.info, setup.bundle, setup.bundle.manifest
+    frames, pairs, methods = result["frames"], result["pairs"], result["methods"]
+    hr_w, hr_h = setup.hr_size
+    summary = summarize(frames, pairs, methods)
+    return {
+        "schema": "selftransfer-eval", "schema_version": 1,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "selftransfer_version": __version__,
+        "elapsed_s": elapsed,
+        "video": {"path": str(o.video), "sha256": setup.video_sha, "width": info.width, "height": info.height,
+                  "fps": info.fps, "frames": info.frames, "duration": info.duration},
+        "model": {"path": str(o.model), "bundle_sha256": bundle.sha256, "arch": bundle.arch, "scale": setup.scale,
+                  "degradation": manifest.get("degradation"), "validation": manifest.get("validation"),
+                  "train_config": manifest.get("train_config"), "source": manifest.get("source")},
+        "generic": result["generic"],
+        "protocol": {
+            "scale": setup.scale, "degradation": setup.degradation, "hr_size": [hr_w, hr_h],
+            "lr_size": [hr_w // setup.scale, hr_h // setup.scale], "near_seconds": o.near_seconds,
+            "include_val": o.include_val, "same_video": setup.same_video,
+            "sampling": {"mode": "all" if o.all_frames else "every" if o.every else "frames",
+                         "frames": o.frames, "every": o.every, "seed": o.seed},
+            "train_frames": setup.train, "val_frames": setup.val,
+            "candidates": {"all": len(setup.candidates), NEAR: sum(c.subset == NEAR for c in setup.candidates),
+                           FAR: sum(c.subset == FAR for c in setup.candidates)},
+            "test_frames": [f["index"] for f in frames], "tile": setup.tile, "overlap": OVERLAP,
+            "device": o.device, "methods": methods,
+        },
+        "frames": frames,
+        "flicker_pairs": pairs,
+        "summary": summary,
+        "deployed": result["deployed"],
+        "timing_s_per_frame": result["timing"],
+        "warnings": setup.warnings,
+        "verdict": verdict(summary),
+    }
+
+
+def _install(tmp_dir: Path, out: Path, force: bool) -> None:
+    """Rename the finished report into place; with --force the old one is moved aside first, then deleted."""
+    import shutil
+
+    old = None
+    if out.exists():
+        if not force:
+            raise UserError(f"-o {out}: appeared while evaluating; not replacing it (pass --force)")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.rename(out, old)
+    os.rename(tmp_dir, out)
+    dfd = os.open(out.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _deployed_summary(frames: list[dict]) -> dict:
+    dpsnr = [f["metrics"][DEPLOYED]["psnr_y"] - f["metrics"]["selftransfer"]["psnr_y"] for f in frames]
+    dpsnr = [d for d in dpsnr if math.isfinite(d)]
+    worst = max((abs(d) for d in dpsnr), default=0.0)
+    return {
+        "max_abs_diff_levels": max(f["deployed_vs_torch"]["max_abs_diff_levels"] for f in frames),
+        "pixels_differing": float(np.mean([f["deployed_vs_torch"]["pixels_differing"] for f in frames])),
+        "max_abs_psnr_y_diff": worst,
+        "mean_psnr_y_diff": float(np.mean(dpsnr)) if dpsnr else 0.0,
+        "tolerance_db": DEPLOYED_TOLERANCE_DB,
+        "agree": worst <= DEPLOYED_TOLERANCE_DB,
+    }
+
+
+# -- statistics -----------------------------------------------------------------------------------------------
+def _stats(values: list[tuple[int, float]], higher_is_better: bool) -> dict:
+    """mean/median over finite values; worst = the lowest (or highest) with its frame."""
+    finite = [(i, v) for i, v in values if math.isfinite(v)]
+    if not values:
+        return {"n": 0, "mean": None, "median": None, "worst": None, "worst_frame": None, "n_infinite": 0}
+    pick = min if higher_is_better else max
+    wi, wv = pick(values, key=lambda iv: iv[1])
+    vals = [v for _, v in finite]
+    return {"n": len(values), "mean": float(np.mean(vals)) if vals else None,
+            "median": float(np.median(vals)) if vals else None, "worst": wv, "worst_frame": wi,
+            "n_infinite": len(values) - len(finite)}
+
+
+def summarize(frames: list[dict], pairs: list[dict], methods: list[str]) -> dict:
+    out = {}
+    for subset in ("all", NEAR, FAR):
+        fs = [f for f in frames if subset == "all" or f["subset"] == subset]
+        ps = [p for p in pairs if subset == "all" or p["subset"] == subset]
+        entry: dict = {"frames": len(fs), "pairs": len(ps), "methods": {}, "gain_over_generic": {}}
+        for m in methods:
+            entry["methods"][m] = {
+                key: _stats([(f["index"], f["metrics"][m][key]) for f in fs], True)
+                for key in ("psnr_y", "ssim_y", "psnr_rgb")}
+            entry["methods"][m]["flicker"] = _stats([(p["index"], p["flicker"][m]) for p in ps], False)
+        for m in methods:
+            if m == "generic":
+                continue
+            gains = {key: [f["metrics"][m][key] - f["metrics"]["generic"][key] for f in fs]
+                     for key in ("psnr_y", "ssim_y", "psnr_rgb")}
+            g_y = [g for g in gains["psnr_y"] if math.isfinite(g)]
+            fl = [p["flicker"][m] - p["flicker"]["generic"] for p in ps]
+            entry["gain_over_generic"][m] = {
+                "psnr_y_mean": float(np.mean(g_y)) if g_y else None,
+                "psnr_y_median": float(np.median(g_y)) if g_y else None,
+                "psnr_y_min": float(min(g_y)) if g_y else None,
+                "psnr_y_max": float(max(g_y)) if g_y else None,
+                "ssim_y_mean": float(np.mean(gains["ssim_y"])) if fs else None,
+                "psnr_rgb_mean": _finite_mean(gains["psnr_rgb"]),
+                "flicker_mean_change": float(np.mean(fl)) if fl else None,
+                "frames_better": sum(g > 0 for g in g_y),
+                "frames_worse": sum(g < 0 for g in g_y),
+            }
+        out[subset] = entry
+    return out
+
+
+def _finite_mean(values):
+    v = [x for x in values if math.isfinite(x)]
+    return float(np.mean(v)) if v else None
+
+
+def verdict(summary: dict) -> dict:
+    def gain(subset):
+        g = summary[subset]["gain_over_generic"].get("selftransfer", {})
+        return g.get("psnr_y_mean") if summary[subset]["frames"] else None
+
+    g_all, g_near, g_far = gain("all"), gain(NEAR), gain(FAR)
+    parts = [f"self-transfer vs generic, mean Y-PSNR gain on {summary['all']['frames']} unseen frames: "
+             f"{_db(g_all)}"]
+    parts.append(f"near {_db(g_near)} ({summary[NEAR]['frames']} frames)")
+    parts.append(f"far {_db(g_far)} ({summary[FAR]['frames']} frames)" if summary[FAR]["frames"]
+                 else "far: no test frame is more than the near distance from a training frame")
+    return {"selftransfer_beats_generic": bool(g_all is not None and g_all > 0), "gain_psnr_y_mean": g_all,
+            "gain_psnr_y_mean_near": g_near, "gain_psnr_y_mean_far": g_far, "text": "; ".join(parts)}
+
+
+def _db(x) -> str:
+    return "n/a" if x is None else f"{x:+.3f} dB"
+
+
+# -- CLI ------------------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("Compare bicubic, the generic CARN-M and a self-transfer bundle (also through the "
+                          "deployed VapourSynth filter) on frames of VIDEO the bundle did not learn from.")
+    parser.add_argument("video", help="the video the bundle was fitted on")
+    parser.add_argument("--model", "-m", required=True, help="the model bundle (.stm) to evaluate")
+    parser.add_argument("-o", "--output", required=True, help="report directory to create (must not exist)")
+    parser.add_argument("--scale", type=int, help="check that the bundle upscales by this factor (2, 3, 4)")
+    parser.add_argument("--degradation", help="LR degradation (default: the bundle's): bicubic, cv2_cubic, x264")
+    parser.add_argument("--crf", type=int, help="x264 CRF of the x264 degradation (default: the bundle's, or 23)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--frames", type=int, default=DEFAULT_FRAMES,
+                       help=f"number of test frames, sampled as consecutive pairs over the video "
+                            f"(default {DEFAULT_FRAMES})")
+    which.add_argument("--every", type=int, metavar="K", help="test frames K*n and K*n+1 (minus training frames)")
+    which.add_argument("--all", dest="all_frames", action="store_true", help="test every unseen frame")
+    parser.add_argument("--include-val", action="store_true",
+                        help="also test the validation frames (they chose the shipped checkpoint: biased)")
+    parser.add_argument("--near-seconds", type=float, default=NEAR_SECONDS,
+                        help=f"test frames within this many seconds of a training frame are 'near' "
+                             f"(default {NEAR_SECONDS})")
+    parser.add_argument("--generic", default="official",
+                        help="generic model: 'official' (cached download) or a .pth/.safetensors/.stm path")
+    parser.add_argument("--no-deployed", dest="deployed", action="store_false",
+                        help="skip the check through core.selftransfer.Upscale")
+    parser.add_argument("--force", action="store_true", help="replace REPORT_DIR if it holds an earlier report")
+    parser.add_argument("--tile", type=int,
+                        help=f"LR tile size for the networks (0 = whole frame; default whole frame up to "
+                             f"{AUTO_TILE_PIXELS} LR pixels, else {AUTO_TILE}); overlap is {OVERLAP}")
+    parser.add_argument("--seed", type=int, default=0, help="picks the frames inside each sampling stratum")
+    parser.add_argument("--threads", type=int, default=0, help="PyTorch threads (0 = all cores)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda for the PyTorch runs")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    o = Options(video=args.video, model=args.model, output=args.output, scale=args.scale,
+                degradation=args.degradation, crf=args.crf, frames=args.frames, every=args.every,
+                all_frames=args.all_frames, include_val=args.include_val, near_seconds=args.near_seconds,
+                generic=args.generic, deployed=args.deployed, force=args.force, tile=args.tile, seed=args.seed,
+                threads=args.threads, device=args.device, progress=args.progress)
+    report = evaluate(o)
+    from trainer.report import console_table
+    print(console_table(report))
+    print(f"report: {Path(o.output) / 'report.md'}")
+    return 0

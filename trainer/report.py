@@ -1,0 +1,304 @@
+"""Writes an evaluation report directory: ``report.json``, ``report.md`` and PNG plots (matplotlib, Agg).
+
+report.json schema (schema "selftransfer-eval", schema_version 1)
+-----------------------------------------------------------------
+Numbers are JSON numbers; ``null`` stands for "not applicable", and for an infinite PSNR (identical images) in
+per-frame values. PSNR in dB, SSIM unitless in [-1, 1], flicker in 8-bit Y levels, times in seconds.
+
+- ``schema``, ``schema_version``, ``created`` (UTC ISO 8601), ``selftransfer_version``, ``elapsed_s``
+- ``video``: ``path``, ``sha256``, ``width``, ``height``, ``fps``, ``frames``, ``duration``
+- ``model``: ``path``, ``bundle_sha256``, ``arch``, ``scale``, and the bundle manifest's ``degradation``,
+  ``validation``, ``train_config``, ``source`` (copied as they are, ``null`` when absent)
+- ``generic``: ``spec`` ("official" or the path given), ``label``, ``path``, ``sha256`` of the generic weights
+- ``protocol``: ``scale``, ``degradation`` (used for the LR frames: ``method``, and ``crf`` for x264),
+  ``hr_size`` / ``lr_size`` ([width, height]), ``near_seconds``, ``include_val``, ``same_video`` (the bundle's
+  source sha256 matches the video, or is not recorded), ``sampling`` (``mode`` "frames" | "every" | "all",
+  ``frames``, ``every``, ``seed``), ``train_frames`` and ``val_frames`` (indices from the manifest),
+  ``candidates`` (``all``/``near``/``far``: how many unseen frames could be tested), ``test_frames`` (indices
+  evaluated), ``tile`` (LR px, 0 = whole frame), ``overlap`` (LR px), ``device``, ``methods`` (evaluated methods:
+  "bicubic", "generic", "selftransfer", and "deployed" when the VapourSynth filter was checked)
+- ``frames``: one object per test frame, in index order: ``index``, ``time`` (s), ``subset`` ("near" | "far"),
+  ``distance_s`` (to the nearest training frame; ``null`` when none is known), ``is_val``, ``metrics``
+  ({method: {``psnr_y``, ``ssim_y``, ``psnr_rgb``}}), ``gain_psnr_y`` (selftransfer - generic), and with the
+  deployed path ``deployed_vs_torch`` {``max_abs_diff_levels`` (int, 8-bit), ``pixels_differing`` (fraction)}
+- ``flicker_pairs``: one object per pair of consecutive test frames (t-1, t): ``index`` (t), ``subset`` (of t),
+  ``flicker`` ({method: value})
+- ``summary``: {"all" | "near" | "far": {``frames``, ``pairs``, ``methods`` ({method: {"psnr_y" | "ssim_y" |
+  "psnr_rgb" | "flicker": {``n``, ``mean``, ``median``, ``worst``, ``worst_frame``, ``n_infinite``}}}: mean and
+  median over finite values, worst = lowest PSNR/SSIM or highest flicker), ``gain_over_generic`` ({method other
+  than generic: {``psnr_y_mean``, ``psnr_y_median``, ``psnr_y_min``, ``psnr_y_max``, ``ssim_y_mean``,
+  ``psnr_rgb_mean``, ``flicker_mean_change`` (method - generic: negative = steadier), ``frames_better``,
+  ``frames_worse``}})}}
+- ``deployed``: ``status`` ("ok" | "skipped": not requested or plugin not installed | "error": the filter
+  could not be created), ``reason`` (when not ok); when ok: ``max_abs_diff_levels``,
+  ``pixels_differing`` (mean fraction), ``max_abs_psnr_y_diff``, ``mean_psnr_y_diff`` (deployed - PyTorch, dB),
+  ``tolerance_db``, ``agree`` (max |difference| <= tolerance)
+- ``timing_s_per_frame``: {method: seconds per frame on this machine (informative only)}
+- ``warnings``: list of strings
+- ``verdict``: ``selftransfer_beats_generic`` (mean Y-PSNR gain on all test frames > 0), ``gain_psnr_y_mean``,
+  ``gain_psnr_y_mean_near``, ``gain_psnr_y_mean_far`` (``null`` for an empty subset), ``text``
+- ``plots``: {``psnr_per_frame``, ``crops_largest_gain``, ``crops_smallest_gain``: file names in the report
+  directory, ``null`` when not drawn}
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+SCHEMA_DOC = __doc__[__doc__.index("report.json schema"):]
+METHOD_LABELS = {"bicubic": "bicubic", "generic": "generic CARN-M", "selftransfer": "self-transfer",
+                 "deployed": "self-transfer (deployed)"}
+COLORS = {"bicubic": "tab:gray", "generic": "tab:blue", "selftransfer": "tab:red", "deployed": "tab:purple"}
+
+CONVENTIONS = """\
+- **Y-PSNR / Y-SSIM**: on the luma Y of ITU-R BT.601 in the studio range, as MATLAB `rgb2ycbcr`
+  (Y = 16 + 65.481 R + 128.553 G + 24.966 B, RGB in [0, 1]; Y not rounded), with `scale` pixels shaved from every
+  border; SR outputs are clipped to [0, 1] and rounded to 8 bits first, as a saved frame would be. PSNR peak 1.0
+  (i.e. 255 on the 8-bit scale); the mean over frames is the mean of per-frame PSNR values (dB).
+- **SSIM**: Wang et al. 2004 with the constants of the authors' `ssim.m`: 11x11 Gaussian window, sigma 1.5,
+  K1 = 0.01, K2 = 0.03, L = 255, population variances, mean of the SSIM map over the positions where the whole
+  window lies inside the (shaved) image.
+- **RGB PSNR**: over the three channels, same shave and quantization.
+- **Flicker** (lower is better, 8-bit Y levels): for each pair of consecutive test frames (t-1, t),
+  RMSE over the shaved Y plane of (Y(SR_t) - Y(SR_t-1)) - (Y(HR_t) - Y(HR_t-1)), i.e. how much the output's
+  frame-to-frame change departs from the true one (equivalently the RMSE of the change of the error image).
+  A constant error does not flicker; an error that comes and goes does. Reported as the mean over pairs.
+- **Gain over generic**: per frame, method minus generic, then mean / median over frames.
+"""
+
+
+def _clean(x):
+    """JSON-safe copy: numpy scalars to Python, inf/nan to null."""
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        return float(x) if math.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    return x
+
+
+def _write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_report_dir(report: dict, directory: Path, crops: dict) -> dict:
+    """Write the plots, report.json and report.md into ``directory``; returns the JSON-clean report."""
+    directory = Path(directory)
+    report = _clean(report)
+    plots = {"psnr_per_frame": plot_psnr_curves(report, directory / "psnr_per_frame.png"),
+             "crops_largest_gain": None, "crops_smallest_gain": None}
+    for key, name in (("largest_gain", "crops_largest_gain"), ("smallest_gain", "crops_smallest_gain")):
+        if crops.get(key) is not None:
+            plots[name] = plot_crops(crops[key], directory / f"{name}.png", key)
+    report["plots"] = plots
+    _write(directory / "report.json", json.dumps(report, indent=1, allow_nan=False).encode())
+    _write(directory / "report.md", markdown(report).encode())
+    return report
+
+
+# -- markdown -------------------------------------------------------------------------------------------------
+def _f(x, digits=2, signed=False) -> str:
+    if x is None:
+        return "–"
+    return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
+
+
+def summary_table(report: dict, subset: str) -> str:
+    s = report["summary"][subset]
+    methods = report["protocol"]["methods"]
+    rows = ["| method | Y-PSNR mean | median | worst (frame) | Y-SSIM mean | RGB-PSNR mean | flicker mean | "
+            "Y-PSNR gain over generic (mean / median) | frames better / worse |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for m in methods:
+        st = s["methods"][m]
+        g = s["gain_over_generic"].get(m)
+        worst = st["psnr_y"]
+        gain = "0 (reference)" if m == "generic" else (
+            f"{_f(g['psnr_y_mean'], 3, True)} / {_f(g['psnr_y_median'], 3, True)}")
+        better = "–" if m == "generic" else f"{g['frames_better']} / {g['frames_worse']}"
+        rows.append(f"| {METHOD_LABELS[m]} | {_f(worst['mean'])} | {_f(worst['median'])} | "
+                    f"{_f(worst['worst'])} ({worst['worst_frame']}) | {_f(st['ssim_y']['mean'], 4)} | "
+                    f"{_f(st['psnr_rgb']['mean'])} | {_f(st['flicker']['mean'], 3)} | {gain} | {better} |")
+    return "\n".join(rows)
+
+
+def markdown(report: dict) -> str:
+    p, v, m = report["protocol"], report["video"], report["model"]
+    deg = p["degradation"]
+    deg_text = deg["method"] + (f" (CRF {deg['crf']})" if "crf" in deg else "")
+    cand = p["candidates"]
+    lines = [
+        f"# Self-transfer evaluation: {Path(v['path']).name}",
+        "",
+        f"**{report['verdict']['text']}.**",
+        "",
+        f"- Video: `{v['path']}` ({v['width']}x{v['height']}, {v['fps']:.3f} fps, {v['frames']} frames), "
+        f"sha256 `{v['sha256'][:16]}…`",
+        f"- Model: `{m['path']}` ({m['arch']} x{m['scale']}), trained on degradation {m['degradation']}",
+        f"- Generic: {report['generic']['label']} (sha256 `{report['generic']['sha256'][:16]}…`)",
+        f"- Created {report['created']} by selftransfer {report['selftransfer_version']} in "
+        f"{report['elapsed_s']:.0f} s",
+        "",
+    ]
+    if report["warnings"]:
+        lines += ["## Warnings", ""] + [f"- {w}" for w in report["warnings"]] + [""]
+    lines += [
+        "## Protocol",
+        "",
+        f"- HR: the video's frames, cropped to {p['hr_size'][0]}x{p['hr_size'][1]} (a multiple of the scale); "
+        f"LR: {p['lr_size'][0]}x{p['lr_size'][1]}, degradation **{deg_text}** applied to each HR frame.",
+        f"- Test frames: frames the bundle did not learn from — not one of the {len(p['train_frames'])} training "
+        f"frames" + ("" if p["include_val"] else f", and not one of the {len(p['val_frames'])} validation frames "
+                     "(they selected the shipped checkpoint, so they are excluded)")
+        + (". Validation frames are **included** (`--include-val`)." if p["include_val"] else "."),
+        f"- Subsets: *near* = within {p['near_seconds']} s of a training frame, *far* = further. "
+        f"Unseen frames available: {cand['all']} ({cand['near']} near, {cand['far']} far); evaluated: "
+        f"{len(p['test_frames'])} (sampling: {_sampling_text(p['sampling'])}).",
+        "- Methods on the same LR input: bicubic = MATLAB `imresize` bicubic upsampling (a = -0.5), the SR "
+        "literature's baseline; generic = the official CARN-M weights; self-transfer = the bundle in PyTorch"
+        + ("; deployed = the bundle through `core.selftransfer.Upscale` (VapourSynth, RGB24 clip of the LR frames)"
+           if "deployed" in p["methods"] else "")
+        + f". Networks run through the project's tiling (tile {p['tile'] or 'whole frame'}, overlap "
+          f"{p['overlap']} LR px) on {p['device']}.",
+        "",
+        "### Metric conventions",
+        "",
+        CONVENTIONS,
+        "## Results",
+        "",
+    ]
+    for subset, title in (("all", "All test frames"), ("near", "Near"), ("far", "Far")):
+        s = report["summary"][subset]
+        lines += [f"### {title} ({s['frames']} frames, {s['pairs']} consecutive pairs for flicker)", ""]
+        lines += [summary_table(report, subset) if s["frames"] else "_No test frame in this subset._", ""]
+    d = report["deployed"]
+    lines += ["### Deployed path vs PyTorch", ""]
+    if d["status"] == "ok":
+        lines += [f"{'Agree' if d['agree'] else '**DISAGREE**'}: max |Δ Y-PSNR| {d['max_abs_psnr_y_diff']:.4f} dB "
+                  f"(tolerance {d['tolerance_db']} dB), mean Δ {d['mean_psnr_y_diff']:+.4f} dB, max abs pixel "
+                  f"difference {d['max_abs_diff_levels']} 8-bit level(s), {100 * d['pixels_differing']:.4f}% of "
+                  "pixels differ.", ""]
+    else:
+        lines += [f"Not checked: {d['reason']}.", ""]
+    lines += ["## Plots", ""]
+    for key, caption in (("psnr_per_frame", "Y-PSNR per test frame; training frames marked"),
+                         ("crops_largest_gain", "Crops of the frame with the largest gain over generic"),
+                         ("crops_smallest_gain", "Crops of the frame with the smallest gain over generic")):
+        if report["plots"].get(key):
+            lines += [f"![{caption}]({report['plots'][key]})", ""]
+    lines += ["## Per frame", "", "| frame | time (s) | subset | distance (s) | "
+              + " | ".join(f"{METHOD_LABELS[mm]} Y-PSNR" for mm in p["methods"]) + " | gain |",
+              "|---:|---:|---|---:|" + "---:|" * (len(p["methods"]) + 1)]
+    for f in report["frames"]:
+        vals = " | ".join(_f(f["metrics"][mm]["psnr_y"]) for mm in p["methods"])
+        lines.append(f"| {f['index']}{' (val)' if f['is_val'] else ''} | {f['time']:.2f} | {f['subset']} | "
+                     f"{_f(f['distance_s'])} | {vals} | {_f(f['gain_psnr_y'], 3, True)} |")
+    t = report["timing_s_per_frame"]
+    lines += ["", "Seconds per frame on this machine: " + ", ".join(f"{METHOD_LABELS[k]} {_f(x)}" for k, x in t.items()),
+              "", "## report.json schema", "", SCHEMA_DOC]
+    return "\n".join(lines) + "\n"
+
+
+def _sampling_text(s: dict) -> str:
+    if s["mode"] == "all":
+        return "all unseen frames"
+    if s["mode"] == "every":
+        return f"frames K*n and K*n+1 with K = {s['every']}"
+    return f"up to {s['frames']} frames in consecutive pairs, stratified over the video, seed {s['seed']}"
+
+
+def console_table(report: dict) -> str:
+    rows = [report["verdict"]["text"]]
+    for subset in ("all", "near", "far"):
+        s = report["summary"][subset]
+        if not s["frames"]:
+            continue
+        rows.append(f"{subset} ({s['frames']} frames):")
+        for m in report["protocol"]["methods"]:
+            st = s["methods"][m]
+            g = s["gain_over_generic"].get(m)
+            rows.append(f"  {METHOD_LABELS[m]:<26} Y-PSNR {_f(st['psnr_y']['mean']):>6}  SSIM "
+                        f"{_f(st['ssim_y']['mean'], 4)}  flicker {_f(st['flicker']['mean'], 3):>6}"
+                        + ("" if g is None else f"  gain {_f(g['psnr_y_mean'], 3, True)} dB"))
+    d = report["deployed"]
+    rows.append("deployed path: " + (f"{'agrees' if d['agree'] else 'DISAGREES'} with PyTorch (max |Δ Y-PSNR| "
+                                     f"{d['max_abs_psnr_y_diff']:.4f} dB)" if d["status"] == "ok"
+                                     else f"not checked ({d['reason']})"))
+    return "\n".join(rows)
+
+
+# -- plots ----------------------------------------------------------------------------------------------------
+def _figure(**kw):
+    # A bare Figure draws with Agg when saved: no pyplot, no global backend state, no display needed.
+    from matplotlib.figure import Figure
+
+    return Figure(**kw)
+
+
+def plot_psnr_curves(report: dict, path: Path) -> str:
+    p = report["protocol"]
+    frames = report["frames"]
+    fig = _figure(figsize=(12, 6.5), layout="constrained")
+    ax, gx = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1.4])
+    xs = [f["index"] for f in frames]
+    for m in ("bicubic", "generic", "selftransfer"):
+        ys = [f["metrics"][m]["psnr_y"] for f in frames]
+        ax.plot(xs, [np.nan if y is None else y for y in ys], "o-", ms=3.5, lw=1.2, color=COLORS[m],
+                label=METHOD_LABELS[m])
+    for axis in (ax, gx):
+        for k, t in enumerate(p["train_frames"]):
+            axis.axvline(t, color="tab:green", lw=0.8, alpha=0.6, label="training frame" if k == 0 and axis is ax
+                         else None)
+        for k, t in enumerate(p["val_frames"]):
+            axis.axvline(t, color="tab:orange", lw=1.0, ls="--", alpha=0.8,
+                         label="validation frame" + ("" if p["include_val"] else " (not tested)")
+                         if k == 0 and axis is ax else None)
+    ax.set_ylabel("Y-PSNR (dB)")
+    ax.set_title(f"Y-PSNR per unseen test frame, x{p['scale']}, degradation {p['degradation']['method']}")
+    ax.legend(loc="best", fontsize=8, ncols=2)
+    ax.grid(alpha=0.3)
+    gains = [np.nan if f["gain_psnr_y"] is None else f["gain_psnr_y"] for f in frames]
+    colors = ["tab:red" if f["subset"] == "near" else "tab:purple" for f in frames]
+    gx.bar(xs, gains, color=colors, width=0.8)
+    gx.axhline(0, color="black", lw=0.8)
+    gx.set_ylabel("self-transfer −\ngeneric (dB)")
+    gx.set_xlabel("frame index  (bars: red = near, purple = far)")
+    gx.grid(alpha=0.3)
+    gx.set_xlim(-1, report["video"]["frames"])
+    fig.savefig(path, dpi=100)
+    return path.name
+
+
+def plot_crops(crop: dict, path: Path, which: str) -> str:
+    panels = crop["panels"]
+    fig = _figure(figsize=(3.2 * len(panels), 3.9), layout="constrained")
+    axes = fig.subplots(1, len(panels))
+    for ax, (name, img, values) in zip(axes, panels):
+        ax.imshow(img, interpolation="nearest")
+        title = METHOD_LABELS.get(name, name)
+        if values is not None:
+            frame_psnr, crop_psnr = values
+            title += f"\nframe {_f(frame_psnr)} dB · crop {_f(crop_psnr)} dB"
+        else:
+            title += "\n"
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    x, y, w, h = crop["box"]
+    what = "largest" if which == "largest_gain" else "smallest"
+    fig.suptitle(f"Frame {crop['index']} (t = {crop['time']:.2f} s, {crop['subset']}): {what} Y-PSNR gain of "
+                 f"self-transfer over generic, {crop['gain']:+.3f} dB; crop {w}x{h} at ({x}, {y})", fontsize=10)
+    fig.savefig(path, dpi=100)
+    return path.name
