@@ -197,7 +197,7 @@ def test_script_command_prints_or_writes(media, tiny_bundle, tmp_path, capsys):
     tree = ast.parse(captured.out)
     assert ast.literal_eval(_assignments(tree)["SOURCE"]) == str(media.small)
     out = tmp_path / "up.vpy"
-    assert run(capsys, "script", media.small, "--model", tiny_bundle, "-o", out)[0] == 0
+    assert run(capsys, "script", media.small, "--model", tiny_bundle, "-o", out, "--backend", "ort")[0] == 0
     assert out.read_text() == captured.out
     rc, err = run(capsys, "script", media.small, "--model", tiny_bundle, "-o", out, "--tilesize", "64")
     assert rc == 2 and "already exists" in err and out.read_text() == captured.out
@@ -236,22 +236,19 @@ def test_upscale_end_to_end_keeps_audio(plugin, media, tiny_bundle, tmp_path, ca
     assert leftovers(tmp_path) == []
 
 
-def test_frames_failing_in_the_plugin_leave_no_output(plugin, media, tmp_path, capsys):
-    """A bundle whose graph upscales by 3 while its manifest says 2: every frame fails inside the filter."""
-    import torch
+def test_frames_failing_in_the_plugin_leave_no_output(plugin, media, tiny_bundle, tmp_path, capsys):
+    """A bundle whose manifest says x3 around an x2 graph: valid as a file, but every frame fails in the filter."""
+    from vs_selftransfer.bundle import MANIFEST, Bundle, write_bundle
 
-    from trainer.export import onnx_bytes, weights_bytes
-    from trainer.model import ModelConfig, build_model
-    from vs_selftransfer.bundle import write_bundle
-
-    torch.manual_seed(0)
-    x2, x3 = (build_model(ModelConfig(scale=s, channels=8)).eval() for s in (2, 3))
+    tiny = Bundle.open(tiny_bundle)
+    manifest = {k: v for k, v in tiny.manifest.items() if k != "members"}
+    manifest["scale"] = 3
+    manifest["model_config"] = {**manifest["model_config"], "scale": 3}
     bundle = tmp_path / "lies_about_scale.stm"
-    write_bundle(bundle, {"arch": "carn_m", "scale": 2, "model_config": x2.cfg.to_dict()},
-                 {"weights.safetensors": weights_bytes(x2), "model.onnx": onnx_bytes(x3)})
+    write_bundle(bundle, manifest, {name: tiny.member(name) for name in tiny.manifest["members"] if name != MANIFEST})
     out = tmp_path / "out.mkv"
     rc, err = run(capsys, "upscale", media.small, "-o", out, "--model", bundle, "--backend", "ort")
-    assert rc == 1 and "vspipe failed" in err and "selftransfer.Upscale" in err
+    assert rc == 1 and "vspipe failed" in err and "selftransfer.Upscale" in err, err
     assert not out.exists() and leftovers(tmp_path) == []
 
 
@@ -335,6 +332,8 @@ def _bad_cases(media, bundle: Path, tmp: Path):
     truncated.write_bytes(bundle.read_bytes()[: bundle.stat().st_size // 2])
     existing = tmp / "exists.mkv"
     existing.write_bytes(b"keep me")
+    folder = tmp / "folder.mkv"
+    folder.mkdir()
     a_file = tmp / "plain_file"
     a_file.write_text("x")
     out = tmp / "out.mkv"
@@ -351,7 +350,7 @@ def _bad_cases(media, bundle: Path, tmp: Path):
         "output folder missing": ([media.small, "-o", tmp / "no" / "out.mkv", *ok], "does not exist",
                                   tmp / "no" / "out.mkv"),
         "output folder is a file": ([media.small, "-o", a_file / "out.mkv", *ok], "", a_file / "out.mkv"),
-        "output is a directory": ([media.small, "-o", tmp, *ok, "--force"], "directory", None),
+        "output is a directory": ([media.small, "-o", folder, *ok, "--force"], "directory", None),
         "unknown container": ([media.small, "-o", tmp / "out.avi", *ok], "unsupported container",
                               tmp / "out.avi"),
         "ffv1 in mp4": ([media.small, "-o", tmp / "out.mp4", *ok, "--encoder", "ffv1"], "FFV1",
@@ -430,23 +429,28 @@ def _alive(pid: int) -> bool:
 
 
 def _start_slow_upscale(media, bundle, out: Path):
-    """A real ``selftransfer upscale`` process, slowed to 0.5 s a frame, once ffmpeg has begun writing."""
+    """A real ``selftransfer upscale`` process, slowed to 0.5 s a frame, once frames flow through the pipeline.
+    Returns the process, its children (vspipe, ffmpeg) and the list its stderr lines are collected in."""
+    import threading
+
     code = SLOW_UPSCALE.format(tests=str(Path(__file__).parent))
     proc = subprocess.Popen([sys.executable, "-c", code, "upscale", str(media.small), "-o", str(out), "--model",
                              str(bundle)], stderr=subprocess.PIPE, text=True)
-    partial = up.partial_path(out)
+    err: list[str] = []
+    threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True).start()
     deadline = time.monotonic() + 120
-    while not (partial.exists() and partial.stat().st_size > 0 and len(_children(proc.pid)) == 2):
-        assert proc.poll() is None, proc.stderr.read()
+    while not (any(f"frames 2/{FRAMES}" in line for line in err) and len(_children(proc.pid)) == 2):
+        assert proc.poll() is None, "".join(err)
         assert time.monotonic() < deadline, "the pipeline did not start"
-        time.sleep(0.1)
-    return proc, _children(proc.pid)
+        time.sleep(0.05)
+    assert up.partial_path(out).exists()
+    return proc, _children(proc.pid), err
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and PR_SET_PDEATHSIG")
 def test_sigkill_leaves_no_output_and_no_orphans(media, tiny_bundle, tmp_path, capsys, plumbing):
     out = tmp_path / "out.mkv"
-    proc, children = _start_slow_upscale(media, tiny_bundle, out)
+    proc, children, _ = _start_slow_upscale(media, tiny_bundle, out)
     proc.kill()
     proc.wait()
     deadline = time.monotonic() + 10
@@ -464,11 +468,10 @@ def test_sigkill_leaves_no_output_and_no_orphans(media, tiny_bundle, tmp_path, c
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_and_ctrl_c_stop_everything_and_remove_the_partial_file(media, tiny_bundle, tmp_path, sig):
     out = tmp_path / "out.mkv"
-    proc, children = _start_slow_upscale(media, tiny_bundle, out)
+    proc, children, err = _start_slow_upscale(media, tiny_bundle, out)
     proc.send_signal(sig)
     rc = proc.wait(timeout=60)
-    err = proc.stderr.read()
-    assert rc == 128 + sig, err
+    assert rc == 128 + sig, "".join(err)
     assert not any(_alive(c) for c in children)
     assert not out.exists() and leftovers(tmp_path) == []
 

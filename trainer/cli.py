@@ -58,4 +58,8 @@ def _version() -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m trainer.cli` runs this file as __main__, a second copy whose UserError is not the
+    # trainer.cli.UserError the commands raise: run the importable module's main so the except clause matches.
+    from trainer.cli import main as _main
+
+    sys.exit(_main())

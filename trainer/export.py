@@ -86,18 +86,19 @@ def export_bundle(model: CARN, path: str | os.PathLike, *, extra: dict | None = 
     members = {"weights.safetensors": weights_bytes(model), "model.onnx": onnx_bytes(model)}
     check_onnx(members["model.onnx"], "exported model.onnx")
     if check:
-        checks["model.onnx"] = _check_graph("model.onnx", _onnx_runner(members["model.onnx"]), model, CHECK_TOLERANCE)
+        checks["model.onnx"] = _check_graph("model.onnx", lambda: _onnx_runner(members["model.onnx"]), model,
+                                            CHECK_TOLERANCE)
     if torchscript:
         members["model.ts"] = torchscript_bytes(model)
         if check:
-            checks["model.ts"] = _check_graph("model.ts", _torchscript_runner(members["model.ts"]), model,
+            checks["model.ts"] = _check_graph("model.ts", lambda: _torchscript_runner(members["model.ts"]), model,
                                               CHECK_TOLERANCE)
     trt_info = None
     if build_trt:
         members["model.trt.ts"], trt_info = tensorrt_bytes(model, shapes)
         if check:
-            checks["model.trt.ts"] = _check_graph("model.trt.ts", _tensorrt_runner(members["model.trt.ts"]), model,
-                                                  TRT_FP16_TOLERANCE, shapes=trt_check_shapes(shapes))
+            checks["model.trt.ts"] = _check_graph("model.trt.ts", lambda: _tensorrt_runner(members["model.trt.ts"]),
+                                                  model, TRT_FP16_TOLERANCE, shapes=trt_check_shapes(shapes))
             trt_info["check_max_abs_diff"] = checks["model.trt.ts"]
 
     manifest = {
@@ -232,7 +233,13 @@ def trt_check_shapes(shapes: dict) -> list[tuple[int, ...]]:
     return [tuple(lo)] if odd == tuple(lo) else [tuple(lo), odd]
 
 
-def _check_graph(name, run, model, tolerance, shapes=CHECK_SHAPES) -> float:
+def _check_graph(name, make_runner, model, tolerance, shapes=CHECK_SHAPES) -> float:
+    """Run the graph (``make_runner()`` loads it) on check inputs against the eager model; the max abs difference,
+    or ExportCheckError when it does not load, does not run, or differs by more than ``tolerance``."""
+    try:
+        run = make_runner()
+    except Exception as e:  # noqa: BLE001 - a graph that does not load is a failed check, said as such
+        raise ExportCheckError(f"export check failed: {name} does not load: {e}; nothing was written") from e
     worst = 0.0
     for i, shape in enumerate(shapes):
         x = check_input(shape, seed=i)

@@ -87,25 +87,34 @@ def select_frames(path: str | os.PathLike, target: int = 24, val: int = 4, seed:
 
     key_thumbs = _keyframe_thumbnails(info, table)
     keys = _drop_near_duplicates(sorted(key_thumbs), key_thumbs)
-    if len(keys) > target:
-        keys = _spread(keys, [], target, rng)
-    chosen: dict[int, str] = {i: "key" for i in keys}
     thumbs = dict(key_thumbs)
     cuts: list[int] = []
-    if len(chosen) < target and len(chosen) < n:
+    scores = None
+    if len(keys) < target and len(keys) < n:
         scores, frame_thumbs = _scan(info)
         thumbs.update(frame_thumbs)
         cuts = _scene_cuts(scores)
+
+    # Validation frames first, away from every keyframe and cut where possible (those are the best training
+    # frames); in an all-intra video (every frame a keyframe) they simply take the frames nearest their spots.
+    val_indices = _place_validation(n, val, set(keys) | set(cuts), path)
+    blocked = {j for v in val_indices for j in (v - 1, v, v + 1)}
+    if len(blocked & set(range(n))) >= n:
+        raise UserError(f"{info.path}: the video has only {n} frames: too few to keep training frames apart from "
+                        f"{val} validation frames; use a longer video or fewer validation frames (--val)")
+
+    chosen: dict[int, str] = {}
+    for i in _spread([k for k in keys if k not in blocked], [], target, rng):
+        chosen[i] = "key"
+    if scores is not None:
         for i in sorted(cuts, key=lambda c: (-scores[c], c)):
             if len(chosen) >= target:
                 break
-            if i not in chosen and i in thumbs and not _is_duplicate(thumbs[i], [thumbs[j] for j in chosen]):
+            if i not in chosen and i not in blocked and i in thumbs and not _is_duplicate(
+                    thumbs[i], [thumbs[j] for j in chosen if j in thumbs]):
                 chosen[i] = "scene"
-
-    val_indices = _place_validation(n, val, set(chosen), path)
     if len(chosen) < target:
-        blocked = {j for v in val_indices for j in (v - 1, v, v + 1)} | set(chosen)
-        candidates = [i for i in sorted(thumbs) if i not in blocked]
+        candidates = [i for i in sorted(thumbs) if i not in blocked and i not in chosen]
         for i in _spread(candidates, sorted(chosen), target - len(chosen), rng, thumbs):
             chosen[i] = "even"
     if not chosen:
@@ -192,22 +201,22 @@ def _scene_cuts(scores: np.ndarray) -> list[int]:
     return sorted(kept)
 
 
-def _place_validation(n: int, count: int, train: set[int], path) -> list[int]:
-    """``count`` frames spread over the video (nearest the middle of each of ``count`` equal stretches), none a
-    training frame or adjacent to one."""
+def _place_validation(n: int, count: int, avoid: set[int], path) -> list[int]:
+    """``count`` distinct frames spread over the video: in each of ``count`` equal stretches, the frame nearest its
+    middle that is not in ``avoid`` nor next to one (keyframes and cuts, kept for training), else the frame nearest
+    the middle."""
     if count == 0:
         return []
-    blocked = {j for i in train for j in (i - 1, i, i + 1)}
+    if n < count + 1:
+        raise UserError(f"{path}: the video has only {n} frames: too few to hold out {count} validation frames "
+                        f"and still train; use a longer video or fewer validation frames (--val)")
+    near = {j for i in avoid for j in (i - 1, i, i + 1)}
     chosen: list[int] = []
     for k in range(count):
         lo, hi = k * n // count, (k + 1) * n // count
         centre = (lo + hi - 1) / 2.0
-        inside = [i for i in range(lo, hi) if i not in blocked and i not in chosen]
-        pool = inside or [i for i in range(n) if i not in blocked and i not in chosen]
-        if not pool:
-            raise UserError(f"{path}: the video has only {n} frames: too few to hold out {count} validation "
-                            f"frames that are neither training frames nor their neighbours; use a longer video or "
-                            f"fewer validation frames (--val)")
+        stretch = [i for i in range(lo, hi) if i not in chosen]
+        pool = [i for i in stretch if i not in near] or stretch or [i for i in range(n) if i not in chosen]
         chosen.append(min(pool, key=lambda i: (abs(i - centre), i)))
     return sorted(chosen)
 

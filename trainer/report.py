@@ -181,7 +181,8 @@ def markdown(report: dict) -> str:
     ]
     for subset, title in (("all", "All test frames"), ("near", "Near"), ("far", "Far")):
         s = report["summary"][subset]
-        lines += [f"### {title} ({s['frames']} frames, {s['pairs']} consecutive pairs for flicker)", ""]
+        lines += [f"### {title} ({s['frames']} frames, {s['pairs']} consecutive pair{'' if s['pairs'] == 1 else 's'} "
+                  "for flicker)", ""]
         lines += [summary_table(report, subset) if s["frames"] else "_No test frame in this subset._", ""]
     d = report["deployed"]
     lines += ["### Deployed path vs PyTorch", ""]
@@ -253,10 +254,20 @@ def plot_psnr_curves(report: dict, path: Path) -> str:
     fig = _figure(figsize=(12, 6.5), layout="constrained")
     ax, gx = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1.4])
     xs = [f["index"] for f in frames]
+    # Lines join consecutive frames only (a NaN breaks the line): a line across a gap would invent values.
+    line_x = []
+    for k, x in enumerate(xs):
+        if k and x != xs[k - 1] + 1:
+            line_x.append(np.nan)
+        line_x.append(x)
     for m in ("bicubic", "generic", "selftransfer"):
-        ys = [f["metrics"][m]["psnr_y"] for f in frames]
-        ax.plot(xs, [np.nan if y is None else y for y in ys], "o-", ms=3.5, lw=1.2, color=COLORS[m],
-                label=METHOD_LABELS[m])
+        ys = [np.nan if f["metrics"][m]["psnr_y"] is None else f["metrics"][m]["psnr_y"] for f in frames]
+        line_y, k = [], 0
+        for x in line_x:
+            line_y.append(np.nan if np.isnan(x) else ys[k])
+            k += 0 if np.isnan(x) else 1
+        ax.plot(line_x, line_y, "-", lw=1.2, color=COLORS[m])
+        ax.plot(xs, ys, "o", ms=3.5, color=COLORS[m], label=METHOD_LABELS[m])
     for axis in (ax, gx):
         for k, t in enumerate(p["train_frames"]):
             axis.axvline(t, color="tab:green", lw=0.8, alpha=0.6, label="training frame" if k == 0 and axis is ax

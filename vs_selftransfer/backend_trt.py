@@ -169,7 +169,8 @@ class Backend:
             with self._torch.inference_mode():
                 return module(self._torch.from_numpy(x).to(self.torch_device, self.dtype)).float().cpu().numpy()
         # A failing check raises ExportCheckError: a wrong engine is never used nor cached.
-        _check_graph(f"TensorRT engine for {bundle.path}", run, model.eval(), tolerance, shapes=trt_check_shapes(shapes))
+        _check_graph(f"TensorRT engine for {bundle.path}", lambda: run, model.eval(), tolerance,
+                     shapes=trt_check_shapes(shapes))
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(path, data)

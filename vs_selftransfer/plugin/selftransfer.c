@@ -6,9 +6,9 @@
  *   core.selftransfer.Version()
  *
  * The network runs in Python (vs_selftransfer.runtime: ONNX Runtime, OpenVINO, PyTorch or TensorRT). This file is
- * the bridge: it validates the clip, converts it to 32-bit float planar RGB with the core's resizer, hands each
- * frame's planes to the runtime as zero-copy memoryviews under the GIL, and converts the result back to the
- * clip's own format. The graph Upscale returns is
+ * the bridge: it validates the clip, converts it to 32-bit float planar RGB with the core's resizer, lends each
+ * frame's planes to the runtime under the GIL as buffer objects over the frame memory (numpy reads and writes them
+ * in place: no copy in the bridge), and converts the result back to the clip's own format. The graph Upscale returns is
  *
  *     clip -> std.RemoveFrameProps(colorimetry) -> resize to RGBS -> [Upscale: the model] -> resize back
  *          -> std.CopyFrameProps(clip)
@@ -118,24 +118,84 @@ static int copy_error(char *err, size_t size, char *message) {
     return 0;
 }
 
-/* A 2-D float32 view of one frame plane (h x w, rows `stride` bytes apart) without copying. The memoryview
- * copies shape and strides into itself; the format string is a literal, so nothing here outlives this call. */
-static PyObject *plane_view(const uint8_t *data, int width, int height, ptrdiff_t stride, int writable) {
-    Py_ssize_t shape[2] = {height, width};
-    Py_ssize_t strides[2] = {(Py_ssize_t)stride, (Py_ssize_t)sizeof(float)};
-    Py_buffer view;
-    memset(&view, 0, sizeof view);
-    view.buf = (void *)data;
-    view.obj = NULL;
-    view.len = (Py_ssize_t)height * width * (Py_ssize_t)sizeof(float);
-    view.itemsize = sizeof(float);
-    view.readonly = !writable;
-    view.ndim = 2;
-    view.format = "f";
-    view.shape = shape;
-    view.strides = strides;
-    view.suboffsets = NULL;
-    return PyMemoryView_FromBuffer(&view);
+/* One frame plane lent to Python for the duration of a call: a buffer exporter (2-D float32, h x w, rows `stride`
+ * bytes apart) over VapourSynth's frame memory, so numpy reads and writes it in place. It counts the buffers it has
+ * handed out; when the call returns it is revoked (no new exports), and any export still alive means the runtime
+ * kept an array pointing into a frame. */
+typedef struct {
+    PyObject_HEAD
+    void *data; /* NULL once revoked */
+    Py_ssize_t shape[2];
+    Py_ssize_t strides[2];
+    int readonly;
+    Py_ssize_t exports;
+} FramePlane;
+
+static int frame_plane_getbuffer(PyObject *self, Py_buffer *view, int flags) {
+    FramePlane *plane = (FramePlane *)self;
+    view->obj = NULL;
+    if (!plane->data) {
+        PyErr_SetString(PyExc_BufferError, "frame plane used after the frame was handed back to VapourSynth");
+        return -1;
+    }
+    if ((flags & PyBUF_WRITABLE) && plane->readonly) {
+        PyErr_SetString(PyExc_BufferError, "source frame planes are read-only");
+        return -1;
+    }
+    if ((flags & PyBUF_STRIDES) != PyBUF_STRIDES) {
+        PyErr_SetString(PyExc_BufferError, "frame planes are strided: request a strided buffer");
+        return -1;
+    }
+    view->buf = plane->data;
+    view->obj = Py_NewRef(self);
+    view->len = plane->shape[0] * plane->shape[1] * (Py_ssize_t)sizeof(float);
+    view->itemsize = sizeof(float);
+    view->readonly = plane->readonly;
+    view->ndim = 2;
+    view->format = (flags & PyBUF_FORMAT) ? "f" : NULL;
+    view->shape = plane->shape;
+    view->strides = plane->strides;
+    view->suboffsets = NULL;
+    view->internal = NULL;
+    plane->exports++;
+    return 0;
+}
+
+static void frame_plane_releasebuffer(PyObject *self, Py_buffer *view) {
+    ((FramePlane *)self)->exports--;
+}
+
+static PyType_Slot frame_plane_slots[] = {
+    {Py_bf_getbuffer, (void *)frame_plane_getbuffer},
+    {Py_bf_releasebuffer, (void *)frame_plane_releasebuffer},
+    {Py_tp_doc, (void *)"A plane of a VapourSynth frame (float32, 2-D, strided), valid only during the call."},
+    {0, NULL},
+};
+
+static PyType_Spec frame_plane_spec = {
+    "selftransfer.FramePlane", sizeof(FramePlane), 0, Py_TPFLAGS_DEFAULT, frame_plane_slots,
+};
+
+static PyObject *frame_plane_type; /* created once, under the GIL */
+
+static int frame_plane_type_ready(void) {
+    if (!frame_plane_type)
+        frame_plane_type = PyType_FromSpec(&frame_plane_spec);
+    return frame_plane_type != NULL;
+}
+
+static FramePlane *frame_plane_new(const uint8_t *data, int width, int height, ptrdiff_t stride, int writable) {
+    FramePlane *plane = PyObject_New(FramePlane, (PyTypeObject *)frame_plane_type);
+    if (!plane)
+        return NULL;
+    plane->data = (void *)data;
+    plane->shape[0] = height;
+    plane->shape[1] = width;
+    plane->strides[0] = (Py_ssize_t)stride;
+    plane->strides[1] = sizeof(float);
+    plane->readonly = !writable;
+    plane->exports = 0;
+    return plane;
 }
 
 /* ------------------------------------------------------------------------------------------------------------ */
@@ -222,55 +282,48 @@ static void VS_CC upscale_free(void *instance_data, VSCore *core, const VSAPI *v
     free(d);
 }
 
-/* Runs the model on one frame; the GIL is held. Returns NULL or an error message to free. */
-static char *run_model(UpscaleData *d, int slot, int n, const VSFrame *src, VSFrame *dst, const VSAPI *vsapi) {
-    PyObject *views[6] = {NULL, NULL, NULL, NULL, NULL, NULL};
+/* Runs the model on one frame; the GIL is held. Returns NULL or an error message to free. Sets *still_referenced
+ * when Python kept an array into the frames: their memory must then stay allocated. */
+static char *run_model(UpscaleData *d, int slot, int n, const VSFrame *src, VSFrame *dst, const VSAPI *vsapi,
+                       int *still_referenced) {
+    FramePlane *planes[6] = {NULL, NULL, NULL, NULL, NULL, NULL};
     PyObject *src_planes = NULL, *dst_planes = NULL, *result = NULL;
     char *error = NULL;
 
+    *still_referenced = 0;
     for (int p = 0; p < 3; p++) {
-        views[p] = plane_view(vsapi->getReadPtr(src, p), vsapi->getFrameWidth(src, p), vsapi->getFrameHeight(src, p),
-                              vsapi->getStride(src, p), 0);
-        views[3 + p] = plane_view(vsapi->getWritePtr(dst, p), vsapi->getFrameWidth(dst, p),
-                                  vsapi->getFrameHeight(dst, p), vsapi->getStride(dst, p), 1);
-        if (!views[p] || !views[3 + p])
+        planes[p] = frame_plane_new(vsapi->getReadPtr(src, p), vsapi->getFrameWidth(src, p),
+                                    vsapi->getFrameHeight(src, p), vsapi->getStride(src, p), 0);
+        planes[3 + p] = frame_plane_new(vsapi->getWritePtr(dst, p), vsapi->getFrameWidth(dst, p),
+                                        vsapi->getFrameHeight(dst, p), vsapi->getStride(dst, p), 1);
+        if (!planes[p] || !planes[3 + p])
             goto python_error;
     }
-    src_planes = PyTuple_Pack(3, views[0], views[1], views[2]);
-    dst_planes = PyTuple_Pack(3, views[3], views[4], views[5]);
+    src_planes = PyTuple_Pack(3, planes[0], planes[1], planes[2]);
+    dst_planes = PyTuple_Pack(3, planes[3], planes[4], planes[5]);
     if (!src_planes || !dst_planes)
         goto python_error;
     result = PyObject_CallFunction(d->process, "iiOO", slot, n, src_planes, dst_planes);
     if (!result)
         goto python_error;
-    goto release;
+    goto revoke;
 
 python_error:
-    error = take_python_error(1);
-release:
+    error = take_python_error(1); /* drops the traceback too, and with it the failed call's arrays */
+revoke:
     Py_XDECREF(result);
     Py_XDECREF(src_planes);
     Py_XDECREF(dst_planes);
-    /* The frame memory is only lent for the call: release every view so that nothing can reach it afterwards. A view
-     * that cannot be released still has an export (a numpy array the runtime kept): that would be a dangling
-     * pointer into a freed frame, so it fails the frame instead. */
     for (int i = 0; i < 6; i++) {
-        if (!views[i])
+        if (!planes[i])
             continue;
-        PyObject *released = PyObject_CallMethod(views[i], "release", NULL);
-        if (!released) {
-            if (!error) {
-                char *cause = take_python_error(1);
-                error = format_message("%s: the runtime kept a reference to frame memory after returning (%s)", FUNC,
-                                       cause + strlen(FUNC ": "));
-                free(cause);
-            } else {
-                PyErr_Clear();
-            }
-        }
-        Py_XDECREF(released);
-        Py_DECREF(views[i]);
+        planes[i]->data = NULL;
+        *still_referenced |= planes[i]->exports != 0;
+        Py_DECREF(planes[i]);
     }
+    if (*still_referenced && !error)
+        error = format_message("%s: the runtime kept a reference to frame memory after returning (a numpy array of a "
+                               "frame plane is still alive)", FUNC);
     return error;
 }
 
@@ -308,15 +361,23 @@ static const VSFrame *VS_CC upscale_get_frame(int n, int activation_reason, void
     } else {
         int slot = pool_acquire(&d->pool); /* wait for a free session before taking the GIL */
         PyGILState_STATE gil = PyGILState_Ensure();
-        error = run_model(d, slot, n, src, dst, vsapi);
+        int still_referenced = 0;
+        error = run_model(d, slot, n, src, dst, vsapi, &still_referenced);
         PyGILState_Release(gil);
         pool_release(&d->pool, slot);
+        if (still_referenced) {
+            /* Python still points into these frames: leak them rather than free memory it may touch later. */
+            src = NULL;
+            dst = NULL;
+        }
     }
-    vsapi->freeFrame(src);
+    if (src)
+        vsapi->freeFrame(src);
     if (error) {
         vsapi->setFilterError(error, frame_ctx);
         free(error);
-        vsapi->freeFrame(dst);
+        if (dst)
+            vsapi->freeFrame(dst);
         return NULL;
     }
     if (d->clamp)
@@ -423,6 +484,8 @@ static int get_int_attribute(PyObject *object, const char *name, long *out) {
  * The GIL is held. On success sets the session, its bound process method, the scale and the stream count. */
 static int create_session(const VSMap *in, const VSVideoInfo *vi, const VSAPI *vsapi, PyObject **session,
                           PyObject **process, long *scale, long *num_streams, char *err, size_t err_size) {
+    if (!frame_plane_type_ready())
+        return copy_error(err, err_size, take_python_error(1));
     PyObject *module = PyImport_ImportModule(RUNTIME_MODULE);
     if (!module) {
         char *cause = take_python_error(1);

@@ -1,0 +1,144 @@
+#!/usr/bin/env python3
+"""Soak test of core.selftransfer.Upscale: push many small frames through the filter and watch the memory.
+
+    python scripts/soak.py --frames 10000                  # the hardening check: RSS growth after warm-up < 5%
+    python scripts/soak.py --frames 300 --warmup 100       # a quick smoke run
+
+Every frame differs (seeded noise), goes through the whole graph (YUV -> RGBS -> model -> YUV, the props copy) and
+is checked for finite values. RSS is read from /proc/self/status (VmRSS) every --sample-every frames; the script
+prints it after the warm-up and at the end, and exits 1 when it grew more than --max-growth percent in between.
+Without --model it exports the official CARN-M x2 weights (--init) to a temporary bundle first.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 32x32, not {text!r}") from None
+    if w < 8 or h < 8 or w % 2 or h % 2:
+        raise argparse.ArgumentTypeError(f"size must be even and at least 8x8, not {text!r}")
+    return w, h
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
+    return value
+
+
+def make_bundle(init: str, directory: str) -> str:
+    from trainer.export import export_bundle
+    from trainer.model import ModelConfig
+    from trainer.weights import initial_model
+
+    path = os.path.join(directory, "soak_x2.stm")
+    export_bundle(initial_model(ModelConfig(scale=2), init), path, torchscript=False, tensorrt=False, check=False)
+    return path
+
+
+def load_plugin(core) -> None:
+    if hasattr(core, "selftransfer"):
+        return
+    dev = ROOT / "build" / "vsplugin" / "libselftransfer.so"
+    if not dev.exists():
+        sys.exit("soak: the selftransfer plugin is not loaded and there is no dev build: pip install . or "
+                 "python setup.py build_ext --inplace")
+    core.std.LoadPlugin(str(dev))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--frames", type=positive, default=10_000, help="frames to push through (default 10000)")
+    p.add_argument("--warmup", type=positive, default=1000, help="frames before the reference RSS sample")
+    p.add_argument("--sample-every", type=positive, default=500, help="RSS sampling interval in frames")
+    p.add_argument("--size", type=parse_size, default=(32, 32), help="input frame size WxH (default 32x32)")
+    p.add_argument("--format", default="YUV420P8", help="input format, a vapoursynth preset name (default YUV420P8)")
+    p.add_argument("--model", help="bundle to run (default: the official weights exported to a temporary bundle)")
+    p.add_argument("--init", default="official", help="weights for the temporary bundle: official or a path")
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--num-streams", type=positive)
+    p.add_argument("--max-growth", type=float, default=5.0, help="allowed RSS growth after warm-up, percent")
+    args = p.parse_args(argv)
+    if args.warmup >= args.frames:
+        p.error("--warmup must be smaller than --frames")
+
+    import numpy as np
+    import vapoursynth as vs
+
+    core = vs.core
+    load_plugin(core)
+    fmt = getattr(vs, args.format, None)
+    if not isinstance(fmt, vs.PresetVideoFormat):
+        p.error(f"--format: unknown format {args.format!r}")
+    fmt = core.get_video_format(fmt)
+
+    with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
+        model = args.model or make_bundle(args.init, tmp)
+        w, h = args.size
+        blank = core.std.BlankClip(format=vs.RGBS, width=w, height=h, length=args.frames, keep=True)
+        patterns = np.random.default_rng(0).random((64, 3, h, w), dtype=np.float32)
+
+        def noise(n, f):
+            out = f.copy()
+            for plane in range(3):
+                np.asarray(out[plane])[:] = patterns[n % 64, plane]
+            return out
+
+        clip = core.std.ModifyFrame(blank, blank, noise)
+        if fmt.color_family == vs.YUV:
+            clip = core.resize.Bicubic(clip, format=fmt.id, matrix_s="709")
+        else:
+            clip = core.resize.Point(clip, format=fmt.id)
+        kw = {"backend": args.backend}
+        if args.num_streams:
+            kw["num_streams"] = args.num_streams
+        out = core.selftransfer.Upscale(clip, model=model, **kw)
+
+        print(f"soak: {args.frames} frames {w}x{h} {fmt.name} -> {out.width}x{out.height}, backend {args.backend}, "
+              f"{core.num_threads} VapourSynth threads", flush=True)
+        start = time.perf_counter()
+        samples = []
+        baseline = None
+        for n, frame in enumerate(out.frames(close=True), 1):
+            if not np.isfinite(np.asarray(frame[0])).all():
+                print(f"soak: frame {n - 1} has non-finite values", file=sys.stderr)
+                return 1
+            del frame
+            if n == args.warmup:
+                baseline = rss_mib()
+                print(f"soak: RSS after {n} warm-up frames: {baseline:.1f} MiB", flush=True)
+            if n % args.sample_every == 0 or n == args.frames:
+                samples.append((n, rss_mib()))
+                rate = n / (time.perf_counter() - start)
+                print(f"soak: frame {n:>6}: RSS {samples[-1][1]:.1f} MiB, {rate:.1f} fps", flush=True)
+        final = samples[-1][1]
+        after = [r for n, r in samples if n >= args.warmup]
+        growth = 100 * (final - baseline) / baseline
+        print(f"soak: RSS warm-up {baseline:.1f} MiB, end {final:.1f} MiB, max after warm-up {max(after):.1f} MiB, "
+              f"growth {growth:+.2f}% (limit {args.max_growth}%), {time.perf_counter() - start:.0f} s")
+        return 0 if growth <= args.max_growth else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
