@@ -3,7 +3,6 @@ statistics, the report schema and plots, and an end-to-end run on the shared cli
 import json
 import math
 
-import numpy as np
 import pytest
 
 from trainer.cli import UserError
@@ -233,8 +232,11 @@ def test_end_to_end_report(report_dir, clip_path):
     assert s["gain_over_generic"]["selftransfer"]["psnr_y_mean"] == 0.0
     assert s["methods"]["generic"]["flicker"]["mean"] > 0
     assert not r["verdict"]["selftransfer_beats_generic"]
+    # Skipped where the plugin is not built; when it is, it must work and agree with PyTorch.
+    assert r["deployed"]["status"] != "error", r["deployed"]
     if r["deployed"]["status"] == "ok":
         assert r["deployed"]["agree"], r["deployed"]
+        assert r["summary"]["all"]["methods"]["deployed"]["psnr_y"]["n"] == 4
     # Plots: real PNG files that decode to images of a sensible size.
     for name in r["plots"].values():
         data = (report_dir / name).read_bytes()
@@ -245,6 +247,71 @@ def test_end_to_end_report(report_dir, clip_path):
     for text in ("## Protocol", "### Near", "### Far", "Y-PSNR mean", "report.json schema", "psnr_per_frame.png"):
         assert text in md
     assert not list(report_dir.parent.glob(".report.*"))  # no temp directory left behind
+
+
+def _variant(bundle_path, tmp_path, **changes):
+    """The test bundle with manifest fields replaced (None deletes a field): same, verified members."""
+    from vs_selftransfer.bundle import Bundle, write_bundle
+
+    b = Bundle.open(bundle_path)
+    manifest = {k: v for k, v in b.manifest.items() if k != "members"}
+    for key, value in changes.items():
+        if value is None:
+            manifest.pop(key, None)
+        else:
+            manifest[key] = value
+    path = tmp_path / "variant.stm"
+    write_bundle(path, manifest, {name: b.member(name) for name in b.manifest["members"]})
+    return path
+
+
+def test_prepare_never_tests_training_or_validation_frames(tmp_path, clip_path, bundle_path):
+    from trainer.evaluate import Options, prepare
+
+    # Frames recorded as FrameSelection.to_json() writes them: objects with an index.
+    train = [{"index": i, "time": i / 25, "kind": "even"} for i in range(3, 132, 6)]
+    val = [{"index": i, "time": i / 25, "kind": "even"} for i in (10, 70, 100)]
+    path = _variant(bundle_path, tmp_path, frames={"train": train, "val": val})
+    seen = {f["index"] for f in train} | {f["index"] for f in val}
+    for kwargs in ({"frames": 24}, {"frames": None, "all_frames": True}, {"frames": None, "every": 5}):
+        setup = prepare(Options(video=str(clip_path), model=str(path), output=str(tmp_path / "r"), **kwargs))
+        tested = {t.index for t in setup.tests}
+        assert tested and tested.isdisjoint(seen)
+        assert all(t.subset == NEAR for t in setup.tests)  # a training frame every 6 frames: nothing is far
+    assert len(setup.candidates) == 132 - len(seen)
+    setup = prepare(Options(video=str(clip_path), model=str(path), output=str(tmp_path / "r"), frames=None,
+                            all_frames=True, include_val=True))
+    assert {t.index for t in setup.tests if t.is_val} == {10, 70, 100}
+    assert not {t.index for t in setup.tests} & {f["index"] for f in train}
+
+
+def test_prepare_other_video_or_no_frames_means_all_unseen(tmp_path, clip_path, bundle_path):
+    from trainer.evaluate import Options, prepare
+
+    for changes, warning in (({"source": {"sha256": "0" * 64}}, "trained on another video"),
+                             ({"frames": None}, "records no training frames")):
+        path = _variant(bundle_path, tmp_path, **changes)
+        setup = prepare(Options(video=str(clip_path), model=str(path), output=str(tmp_path / "r")))
+        assert setup.train == [] and all(t.subset == FAR for t in setup.candidates)
+        assert len(setup.candidates) == 132 and any(warning in w for w in setup.warnings)
+
+
+def test_prepare_degradation_from_manifest_and_override(tmp_path, clip_path, bundle_path):
+    from trainer.evaluate import Options, prepare
+
+    path = _variant(bundle_path, tmp_path, degradation={"method": "x264", "crf": 30})
+    setup = prepare(Options(video=str(clip_path), model=str(path), output=str(tmp_path / "r")))
+    assert setup.degradation == {"method": "x264", "crf": 30} and not setup.warnings
+    setup = prepare(Options(video=str(clip_path), model=str(path), output=str(tmp_path / "r"),
+                            degradation="bicubic"))
+    assert setup.degradation == {"method": "bicubic"}
+    assert any("trained on" in w for w in setup.warnings)
+    with pytest.raises(UserError, match="--crf only applies"):
+        prepare(Options(video=str(clip_path), model=str(path), output=str(tmp_path / "r"), degradation="bicubic",
+                        crf=20))
+    bad = _variant(bundle_path, tmp_path, frames={"train": [500]})
+    with pytest.raises(UserError, match="not trained on this video"):
+        prepare(Options(video=str(clip_path), model=str(bad), output=str(tmp_path / "r")))
 
 
 def test_existing_output_needs_force(report_dir, clip_path, bundle_path, official_path, capsys):

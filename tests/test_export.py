@@ -98,6 +98,7 @@ def test_onnx_is_one_clean_self_contained_graph(generic_bundle):
     assert not any(n.metadata_props for n in model.graph.node)  # no source paths of the exporting machine
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_graphs_reproduce_the_model_on_unseen_shapes(generic_bundle, official_path):
     import onnxruntime as ort
 
@@ -178,13 +179,17 @@ def test_export_arguments_are_validated_before_any_work(tmp_path, tiny_model):
 
 
 # -- CLI ---------------------------------------------------------------------------------------------------------
+VALIDATION = {"metric": "psnr_y", "frames": [3, 40], "bicubic_psnr_y": 30.0, "generic_psnr_y": 31.0,
+              "selftransfer_psnr_y": 31.6, "shipped_psnr_y": 31.6, "shipped": "selftransfer",
+              "message": "shipping step 10: 31.600 dB vs generic 31.000 dB"}
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, tiny_model):
-    """A training checkpoint as trainer/train.py writes it: weights, config and the facts the manifest keeps."""
-    path = tmp_path_factory.mktemp("ckpt") / "best.pt"
-    torch.save({"model": tiny_model.state_dict(), "model_config": tiny_model.cfg.to_dict(), "step": 10,
-                "validation": {"psnr_y": {"bicubic": 30.0, "generic": 31.0, "selftransfer": 31.6}},
-                "train_config": {"steps": 10, "lr": 1e-4}}, path)
+    """A model.pth as trainer/train.py writes it: the shipped weights, their config and validation figures."""
+    path = tmp_path_factory.mktemp("ckpt") / "model.pth"
+    torch.save({"model": tiny_model.state_dict(), "model_config": tiny_model.cfg.to_dict(),
+                "validation": VALIDATION}, path)
     return path
 
 
@@ -192,26 +197,40 @@ def test_cli_exports_a_training_checkpoint_and_info_describes_it(tmp_path, check
     out = tmp_path / "m.stm"
     assert main(["export", str(checkpoint), "-o", str(out), "--tensorrt", "no"]) == 0
     b = Bundle.open(out)
-    assert b.manifest["validation"]["psnr_y"]["selftransfer"] == 31.6
-    assert b.manifest["train_config"] == {"steps": 10, "lr": 1e-4}
+    assert b.manifest["validation"] == VALIDATION
     assert b.model_config() == tiny_model.cfg
     capsys.readouterr()
     assert main(["info", str(out)]) == 0
     text = capsys.readouterr().out
     assert "carn_m x2, 8 channels" in text
-    assert "selftransfer 31.600 dB" in text
+    assert "bicubic_psnr_y 30.000 dB, generic_psnr_y 31.000 dB, selftransfer_psnr_y 31.600 dB" in text
+    assert "shipping step 10" in text
     assert "model.ts" in text and "carries code" in text and "weights.safetensors" in text and "data only" in text
     assert main(["info", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["members"] == b.manifest["members"]
 
-    # refuses to overwrite without --force; --force re-exports (here: a bundle into a bundle, fields kept)
+    # refuses to overwrite without --force; a bundle re-exports into a bundle, its fields kept
     assert main(["export", str(checkpoint), "-o", str(out)]) == 2
     assert "exists; pass --force" in capsys.readouterr().err
     again = tmp_path / "again.stm"
     assert main(["export", str(out), "-o", str(again), "--no-torchscript"]) == 0
     m2 = Bundle.open(again).manifest
-    assert m2["validation"] == b.manifest["validation"] and "model.ts" not in m2["members"]
+    assert m2["validation"] == VALIDATION and "model.ts" not in m2["members"]
     assert m2["members"]["weights.safetensors"] == b.manifest["members"]["weights.safetensors"]
+    assert main(["export", str(checkpoint), "-o", str(out), "--force", "--no-torchscript"]) == 0
+    assert "model.ts" not in Bundle.open(out).manifest["members"]
+
+
+def test_resumable_training_checkpoint_exports_its_best_weights(tmp_path, tiny_model):
+    """train.py's checkpoint.pt holds the last step's weights and the best validated ones: export the best."""
+    last = build_model(tiny_model.cfg).state_dict()  # some other weights
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"format": "selftransfer-train-checkpoint", "version": 1, "step": 7, "model": last,
+                "best": {"step": 5, "psnr_y": 31.2, "model": tiny_model.state_dict()},
+                "model_config": tiny_model.cfg.to_dict(), "train_config": {"steps": 7}}, path)
+    model, extra = export.load_for_export(path)
+    assert all(torch.equal(v, tiny_model.state_dict()[k]) for k, v in model.state_dict().items())
+    assert extra == {"train_config": {"steps": 7}}
 
 
 def test_cli_errors(tmp_path, checkpoint, tiny_model, capsys):

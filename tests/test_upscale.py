@@ -129,7 +129,8 @@ def plugin() -> None:
     finally:
         probe_script.unlink()
     if done.returncode != 0:
-        pytest.skip(f"the selftransfer VapourSynth plugin cannot be loaded by vspipe: {done.stderr.strip()[-300:]}")
+        last = (done.stderr.strip().splitlines() or ["(no error output)"])[-1]
+        pytest.skip(f"vspipe cannot load the selftransfer VapourSynth plugin: {last}")
 
 
 def run(capsys, *args) -> tuple[int, str]:
@@ -492,18 +493,23 @@ def test_vspipe_progress_parsing_across_chunk_boundaries():
     assert any("frames 12/12 (100%)" in line for line in lines)
 
 
-def test_blame_goes_to_the_process_that_failed_first():
+def test_blame_goes_to_the_process_that_failed_by_itself():
     def proc(code, pid):
         return SimpleNamespace(returncode=code, pid=pid)
 
     vs_tail, ff_tail = ["vspipe says"], ["ffmpeg says"]
     with pytest.raises(up.PipelineError, match="ffmpeg failed"):  # ffmpeg died; vspipe then got SIGPIPE
-        up._raise_on_failure(proc(-signal.SIGPIPE, 1), proc(1, 2), vs_tail, ff_tail, set(), None)
+        up._raise_on_failure(proc(-signal.SIGPIPE, 1), proc(1, 2), vs_tail, ff_tail, set())
+    broken = ["Error: fwrite() call failed when writing video plane 0, errno: 32, frame: 3"]
+    with pytest.raises(up.PipelineError, match="ffmpeg failed"):  # the same with SIGPIPE ignored
+        up._raise_on_failure(proc(1, 1), proc(1, 2), broken, ff_tail, set())
     with pytest.raises(up.PipelineError, match="vspipe failed"):  # the script failed; ffmpeg saw no input
-        up._raise_on_failure(proc(1, 1), proc(1, 2), vs_tail, ff_tail, set(), None)
+        up._raise_on_failure(proc(1, 1), proc(1, 2), vs_tail, ff_tail, set())
     with pytest.raises(up.PipelineError, match="vspipe failed.*\n.*vspipe says"):  # we killed ffmpeg after
-        up._raise_on_failure(proc(1, 1), proc(-9, 2), vs_tail, ff_tail, {2}, None)
-    up._raise_on_failure(proc(0, 1), proc(0, 2), vs_tail, ff_tail, set(), None)
+        up._raise_on_failure(proc(1, 1), proc(-9, 2), vs_tail, ff_tail, {2})
+    with pytest.raises(up.PipelineError, match="ffmpeg failed"):  # ffmpeg failed, we killed vspipe after
+        up._raise_on_failure(proc(-9, 1), proc(1, 2), vs_tail, ff_tail, {1})
+    up._raise_on_failure(proc(0, 1), proc(0, 2), vs_tail, ff_tail, set())
 
 
 def test_ffmpeg_command_and_colour_tags(tmp_path):

@@ -265,7 +265,9 @@ def _onnx_runner(data: bytes):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = min(2, os.cpu_count() or 1)
+    # One thread: the check inputs are small, and a thread pool's barriers cost more than they save on them
+    # (badly so on a loaded machine).
+    opts.intra_op_num_threads = 1
     opts.log_severity_level = 3
     session = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
     return lambda x: session.run(["sr"], {"lr": x})[0]
@@ -420,6 +422,12 @@ def load_for_export(path: str | os.PathLike, *, arch: str | None = None, scale: 
                 raise UserError(f"{path}: bad model_config in the checkpoint: {e}") from None
             agree(cfg, "training checkpoint")
             state = obj["model"]
+            # train.py's resumable checkpoint.pt holds the weights of the last step and, under "best", the best
+            # validated ones: the latter are what training ships (its model.pth holds only those).
+            best = obj.get("best")
+            if obj.get("format") == "selftransfer-train-checkpoint" and isinstance(best, dict) \
+                    and isinstance(best.get("model"), dict):
+                state = best["model"]
             extra = {k: obj[k] for k in CHECKPOINT_FIELDS if k in obj}
             try:
                 json.dumps(extra)
@@ -537,7 +545,12 @@ def describe(bundle: Bundle) -> str:
         lines.append(f"  degradation: {', '.join(f'{k}={v}' for k, v in deg.items())}")
     val = m.get("validation")
     if isinstance(val, dict) and val:
-        lines.append("  validation:  " + ", ".join(_fmt_validation(val)))
+        numbers = _fmt_validation(val)
+        if numbers:
+            lines.append("  validation:  " + ", ".join(numbers))
+        for key in ("shipped", "message"):
+            if isinstance(val.get(key), str):
+                lines.append(f"  {key + ':':12s} {val[key]}")
     precision = m.get("precision")
     if isinstance(precision, dict) and precision:
         lines.append(f"  precision:   {json.dumps(precision, sort_keys=True)}")
@@ -557,16 +570,16 @@ def describe(bundle: Bundle) -> str:
 
 
 def _fmt_validation(val: dict, prefix: str = "") -> list[str]:
+    """The numbers of the validation block ("bicubic_psnr_y 30.123 dB", ...), nested dicts flattened."""
     out = []
     for k, v in val.items():
-        if isinstance(v, bool) or v is None:
-            out.append(f"{prefix}{k} {v}")
-        elif isinstance(v, (int, float)):
-            out.append(f"{prefix}{k} {v:.3f}" + (" dB" if "psnr" in (prefix + k).lower() else ""))
-        elif isinstance(v, dict):
+        if isinstance(v, dict):
             out += _fmt_validation(v, f"{prefix}{k}.")
-        elif isinstance(v, str):
-            out.append(f"{prefix}{k} {v}")
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            psnr = "psnr" in (prefix + k).lower()
+            out.append(f"{prefix}{k} {v:.3f} dB" if psnr else f"{prefix}{k} {v:g}")
+        elif v is None and "psnr" in k.lower():
+            out.append(f"{prefix}{k} -")
     return out
 
 

@@ -207,8 +207,8 @@ def markdown(report: dict) -> str:
         lines.append(f"| {f['index']}{' (val)' if f['is_val'] else ''} | {f['time']:.2f} | {f['subset']} | "
                      f"{_f(f['distance_s'])} | {vals} | {_f(f['gain_psnr_y'], 3, True)} |")
     t = report["timing_s_per_frame"]
-    lines += ["", "Seconds per frame on this machine: " + ", ".join(f"{METHOD_LABELS[k]} {_f(x)}" for k, x in t.items()),
-              "", "## report.json schema", "", SCHEMA_DOC]
+    per_frame = ", ".join(f"{METHOD_LABELS[k]} {_f(x)}" for k, x in t.items())
+    lines += ["", f"Seconds per frame on this machine: {per_frame}.", "", "## report.json schema", "", SCHEMA_DOC]
     return "\n".join(lines) + "\n"
 
 
@@ -266,8 +266,11 @@ def plot_psnr_curves(report: dict, path: Path) -> str:
         for x in line_x:
             line_y.append(np.nan if np.isnan(x) else ys[k])
             k += 0 if np.isnan(x) else 1
-        ax.plot(line_x, line_y, "-", lw=1.2, color=COLORS[m])
-        ax.plot(xs, ys, "o", ms=3.5, color=COLORS[m], label=METHOD_LABELS[m])
+        # generic: hollow squares on a dashed line, so it stays visible where self-transfer lies on top of it
+        hollow = m == "generic"
+        ax.plot(line_x, line_y, "--" if hollow else "-", lw=1.2, color=COLORS[m])
+        ax.plot(xs, ys, "s" if hollow else "o", ms=6 if hollow else 3.5, color=COLORS[m],
+                fillstyle="none" if hollow else "full", label=METHOD_LABELS[m])
     for axis in (ax, gx):
         for k, t in enumerate(p["train_frames"]):
             axis.axvline(t, color="tab:green", lw=0.8, alpha=0.6, label="training frame" if k == 0 and axis is ax

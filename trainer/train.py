@@ -56,10 +56,11 @@ CHECKPOINT_FORMAT = "selftransfer-train-checkpoint"
 CHECKPOINT_VERSION = 1
 PRECISIONS = ("auto", "fp32", "bf16", "amp")
 DEVICES = ("auto", "cpu", "cuda")
+VAL_BACKENDS = ("auto", "ort", "torch")
 PROBE_STEPS = 3  # steps run before a minutes budget's horizon is first estimated
 TIME_MARGIN = 0.97  # fraction of the remaining time a minutes-budget horizon plans to use (the rest absorbs noise)
 # Fields that may differ between a run and its resumption (they change speed or bookkeeping, not the arithmetic).
-RESUMABLE_CHANGES = ("device", "threads", "checkpoint_seconds", "minutes")
+RESUMABLE_CHANGES = ("device", "threads", "checkpoint_seconds", "minutes", "val_backend")
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ class TrainConfig:
     threads: int = 0  # CPU threads; 0: every core this process may use
     precision: str = "auto"  # fp32 | bf16 (CPU autocast) | amp (CUDA fp16) | auto (see resolve_precision)
     channels_last: bool = True
+    val_backend: str = "auto"  # auto: ONNX Runtime on the CPU when installed, else PyTorch | ort | torch
 
     def __post_init__(self):
         def bad(name, why):
@@ -138,6 +140,8 @@ class TrainConfig:
             bad("threads", "must be an integer >= 0 (0: all cores)")
         if self.precision not in PRECISIONS:
             bad("precision", f"must be one of {', '.join(PRECISIONS)}")
+        if self.val_backend not in VAL_BACKENDS:
+            bad("val_backend", f"must be one of {', '.join(VAL_BACKENDS)}")
         if type(self.channels_last) is not bool:
             bad("channels_last", "must be true or false")
         object.__setattr__(self, "betas", (float(self.betas[0]), float(self.betas[1])))
@@ -321,13 +325,69 @@ def upscaler(model: torch.nn.Module, device: torch.device, channels_last: bool):
     return run
 
 
-def validate(model, val_frames, scale: int, device, cfg: TrainConfig) -> float:
+class OnnxRunner:
+    """Validation upscaling through ONNX Runtime, about twice as fast as eager PyTorch on the CPU for whole frames.
+
+    The graph is exported once (``trainer.export.onnx_bytes``, the exporter the bundle uses: seconds); each
+    validation opens a session (tens of ms) with the current weights injected as initializers, and checks it
+    against the PyTorch model on a small input first, so a validation score is always the PyTorch model's.
+    """
+
+    def __init__(self, model: torch.nn.Module, threads: int):
+        import copy
+
+        import onnx
+
+        from trainer.export import onnx_bytes
+
+        cpu_model = copy.deepcopy(model).float().cpu().to(memory_format=torch.contiguous_format).eval()
+        self.graph = onnx_bytes(cpu_model)
+        self.names = [i.name for i in onnx.load_from_string(self.graph).graph.initializer]
+        self.threads = threads
+
+    def __call__(self, model: torch.nn.Module):
+        """A ``run`` callable for the tiling function with ``model``'s current weights, or None if the session
+        does not reproduce the model (then the caller uses PyTorch)."""
+        import onnxruntime as ort
+
+        state = model.state_dict()
+        if not set(self.names) <= set(state):
+            return None
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        # The OrtValues must outlive the session: they are the weights' memory.
+        values = [ort.OrtValue.ortvalue_from_numpy(state[n].detach().float().cpu().contiguous().numpy())
+                  for n in self.names]
+        for name, value in zip(self.names, values):
+            opts.add_initializer(name, value)
+        session = ort.InferenceSession(self.graph, opts, providers=["CPUExecutionProvider"])
+        input_name = session.get_inputs()[0].name
+
+        def run(x: np.ndarray) -> np.ndarray:
+            return session.run(None, {input_name: x})[0]
+
+        run.keepalive = values
+        check = np.random.default_rng(0).random((1, 3, 24, 32), dtype=np.float32)
+        reference = upscaler(model, next(model.parameters()).device, False)(check)
+        if float(np.max(np.abs(run(check) - reference))) > 1e-4:
+            return None
+        return run
+
+
+def validate(model, val_frames, scale: int, device, cfg: TrainConfig, onnx_runner: OnnxRunner | None = None) -> float:
     """Mean Y-PSNR over the validation frames, each upscaled whole (or in exact tiles) in fp32."""
     from vs_selftransfer.tiling import upscale_image
 
     was_training = model.training
     model.eval()
-    run = upscaler(model, device, cfg.channels_last)
+    run = onnx_runner(model) if onnx_runner is not None else None
+    if run is None:
+        if onnx_runner is not None:
+            print("selftransfer train: warning: the ONNX Runtime session does not reproduce the model; "
+                  "validating with PyTorch", file=sys.stderr)
+        run = upscaler(model, device, cfg.channels_last)
     scores = []
     for lr, hr in val_frames:
         h, w = lr.shape[1:]
@@ -486,6 +546,18 @@ def train(pairs_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: TrainC
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "amp")
     sampler = PatchSampler(pairs, patch=cfg.patch, batch=cfg.batch, seed=cfg.seed)
 
+    onnx_runner = None
+    if device.type == "cpu" and cfg.val_backend != "torch":
+        try:
+            import onnx  # noqa: F401
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            if cfg.val_backend == "ort":
+                raise UserError("validation through ONNX Runtime needs the onnx and onnxruntime packages "
+                                "(pip install onnx onnxruntime)") from None
+        else:
+            onnx_runner = OnnxRunner(model, threads)
+
     val_uint8 = [pairs.val_pair(i) for i in range(len(pairs.val_indices))]
     val_frames = [(to_chw_float(lr), to_chw_float(hr)) for lr, hr in val_uint8]
     val_indices = list(pairs.val_indices)
@@ -496,7 +568,7 @@ def train(pairs_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: TrainC
         t0 = time.perf_counter()
         bicubic = bicubic_psnr(val_uint8, scale)
         t1 = time.perf_counter()
-        generic = validate(model, val_frames, scale, device, cfg)
+        generic = validate(model, val_frames, scale, device, cfg, onnx_runner)
         val_s = time.perf_counter() - t1
         if verbose:
             log(f"validation on {len(val_frames)} held-out frames: bicubic {bicubic:.3f} dB, generic {generic:.3f} dB "
@@ -600,7 +672,7 @@ def train(pairs_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: TrainC
 
         if state["planned"] and due_validation(step, sched, cfg, state["validated_quarters"]):
             t_val = time.perf_counter()
-            score = validate(model, val_frames, scale, device, cfg)
+            score = validate(model, val_frames, scale, device, cfg, onnx_runner)
             state["val_s"] += time.perf_counter() - t_val
             state["n_val"] += 1
             state["validated_quarters"] = math.floor(progress_at(step, sched) * 4 + 1e-9)

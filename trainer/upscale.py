@@ -30,9 +30,10 @@ import time
 from pathlib import Path
 
 from trainer.cli import UserError
+from vs_selftransfer import runtime
 
-BACKENDS = ("auto", "ort", "ov", "torch", "trt")
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+BACKENDS = ("auto", *runtime.BACKENDS)
+PRECISIONS = runtime.PRECISIONS
 PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow", "placebo")
 # encoder -> (ffmpeg encoder name, default crf (None: lossless, no crf/preset), crf range)
 ENCODERS = {
@@ -45,7 +46,7 @@ CONTAINERS = {".mkv": "matroska", ".mp4": "mp4", ".m4v": "mp4", ".mov": "mov"}
 # Where a text subtitle goes when the container cannot store its codec as is.
 TEXT_SUBTITLE_CODEC = {"matroska": "srt", "mp4": "mov_text", "mov": "mov_text"}
 # Audio the container cannot store is re-encoded to this (AAC goes into all three containers).
-FALLBACK_AUDIO = ("aac", "-b:a:{i}", "192k")
+FALLBACK_AUDIO_CODEC, FALLBACK_AUDIO_BITRATE = "aac", "192k"
 PARTIAL_MARK = ".partial"
 STDERR_TAIL_LINES = 25
 
@@ -75,7 +76,7 @@ class FilterOptions:
     def validate(self) -> None:
         if self.backend is not None and self.backend not in BACKENDS:
             raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
-        if self.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+        if self.device is not None and not runtime.DEVICE.fullmatch(self.device):
             raise UserError(f"--device must be cpu, cuda or cuda:N, not {self.device!r}")
         if self.overlap is not None and self.overlap < 0:
             raise UserError(f"--overlap must be 0 or more pixels, not {self.overlap}")
@@ -127,81 +128,87 @@ def _utf8_path(path: str | os.PathLike, what: str) -> str:
     return text
 
 
+SCRIPT_TEMPLATE = """\
+# Made by selftransfer {version}: upscales SOURCE with the self-transfer model bundle MODEL.
+#
+#   vspipe --info this.vpy                  output size, frame count and format, without rendering
+#   vspipe -c y4m this.vpy - | ffmpeg -i - -c:v libx264 -crf 18 out.mkv
+#
+# `selftransfer upscale` runs that pipeline for you and keeps the source's audio, subtitles and chapters too.
+import os
+
+import vapoursynth as vs
+
+core = vs.core
+
+SOURCE = {source!r}
+MODEL = {model!r}{model_summary}
+
+{source_block}
+# Trim, crop, denoise or deinterlace here, before upscaling: the model sees exactly this clip.
+
+# The model works in RGB and the filter takes YUV or RGB: a GRAY source goes through as YUV with neutral
+# chroma (R = G = B) and comes back as GRAY.
+gray = clip.format.color_family == vs.GRAY
+if gray:
+    clip = core.resize.Point(clip, format=clip.format.replace(color_family=vs.YUV, subsampling_w=0, subsampling_h=0))
+
+# core.selftransfer.Upscale knobs; one left out takes its default (in brackets):
+#   backend      ['auto'] the fastest one installed for the device: on the CPU 'ov' (OpenVINO) if installed,
+#                else 'ort' (ONNX Runtime); on CUDA 'trt' (TensorRT) if the bundle has an engine, else 'torch'.
+#                'torch' and 'trt' run code stored in the bundle: pick them only for bundles you trust.
+#   device       ['cpu'] or 'cuda' / 'cuda:N'.
+#   tilesize     [whole frame up to {auto_tile_max_pixels} pixels, else {auto_tile}] tile width, or [width, height],
+#                in input pixels; 0 = no tiling. Tiles bound memory; larger ones run faster.
+#   overlap      [{overlap}] context pixels around each tile. At least the network's reach (22) keeps tiles
+#                seamless (tiled output = untiled output); less is faster but can show seams.
+#   num_streams  [1] frames processed at once, one inference session each.
+#   threads      [CPU cores / num_streams] CPU threads per session; 0 = automatic.
+#   precision    ['fp32'] 'fp16' and 'bf16' for GPUs, 'int8' when the bundle carries an int8 model.
+clip = core.selftransfer.Upscale(clip, model=MODEL{call_args})
+if gray:
+    clip = core.std.ShufflePlanes(clip, 0, vs.GRAY)
+
+# y4m (vspipe -c y4m) carries YUV and GRAY only: an RGB source leaves as 4:4:4 YUV.
+if clip.format.color_family == vs.RGB:
+    clip = core.resize.Bicubic(clip, format=clip.format.replace(color_family=vs.YUV), matrix_s="709")
+
+clip.set_output()
+"""
+
+SOURCE_CACHED = """\
+# BestSource (pip: vapoursynth-bestsource) decodes frame-accurately. It indexes the whole file when it first
+# opens it; cachemode=1 keeps that index under INDEX_CACHE (your cache directory, never beside the video) so
+# the next run starts at once. cachemode=0 never writes an index.
+INDEX_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                           "selftransfer", "bsindex")
+clip = core.bs.VideoSource(source=SOURCE, cachemode=1, cachepath=INDEX_CACHE)
+"""
+
+SOURCE_UNCACHED = """\
+# BestSource (pip: vapoursynth-bestsource) decodes frame-accurately. This script is read once, front to back,
+# so its index stays in memory (cachemode=0): nothing is written beside the video or anywhere else.
+clip = core.bs.VideoSource(source=SOURCE, cachemode=0)
+"""
+
+
 def build_script(source: str | os.PathLike, model: str | os.PathLike, options: FilterOptions, *,
                  index_cache: bool = True, model_summary: str = "") -> str:
     """The .vpy text. ``index_cache``: let BestSource keep its index in the user's cache directory (worth it when the
-    script is run more than once); False writes nothing anywhere (the one-shot ``upscale`` run)."""
+    script is run more than once); False writes nothing anywhere (the one-shot ``upscale`` run). Paths are written
+    with repr(), so quotes, backslashes and non-ASCII names stay intact."""
     from trainer import __version__
 
-    source_text = _utf8_path(source, "input")
-    model_text = _utf8_path(model, "--model")
-    call_args = "".join(f", {name}={value!r}" for name, value in options.plugin_kwargs().items())
-    if index_cache:
-        source_block = (
-            "# BestSource (pip: vapoursynth-bestsource) decodes frame-accurately. It indexes the whole file when it\n"
-            "# first opens it; cachemode=1 keeps that index under INDEX_CACHE (your cache directory, never beside the\n"
-            "# video) so the next run starts at once. cachemode=0 never writes an index.\n"
-            "INDEX_CACHE = os.path.join(os.environ.get(\"XDG_CACHE_HOME\") or os.path.expanduser(\"~/.cache\"),\n"
-            "                           \"selftransfer\", \"bsindex\")\n"
-            "clip = core.bs.VideoSource(source=SOURCE, cachemode=1, cachepath=INDEX_CACHE)\n"
-        )
-    else:
-        source_block = (
-            "# BestSource (pip: vapoursynth-bestsource) decodes frame-accurately. This script is read once, front to\n"
-            "# back, so its index stays in memory (cachemode=0): nothing is written beside the video or elsewhere.\n"
-            "clip = core.bs.VideoSource(source=SOURCE, cachemode=0)\n"
-        )
-    summary = f"  # {model_summary}" if model_summary else ""
-    from vs_selftransfer.runtime import AUTO_TILE, AUTO_TILE_MAX_PIXELS, DEFAULT_OVERLAP
-
-    return (
-        f"# Made by selftransfer {__version__}: upscales SOURCE with the self-transfer model bundle MODEL.\n"
-        "#\n"
-        "#   vspipe --info this.vpy                 output size, frame count and format, without rendering\n"
-        "#   vspipe -c y4m this.vpy - | ffmpeg -i - -c:v libx264 -crf 18 out.mkv\n"
-        "#\n"
-        "# `selftransfer upscale` runs that pipeline for you and also keeps the source's audio, subtitles and chapters.\n"
-        "import os\n"
-        "\n"
-        "import vapoursynth as vs\n"
-        "\n"
-        "core = vs.core\n"
-        "\n"
-        f"SOURCE = {source_text!r}\n"
-        f"MODEL = {model_text!r}{summary}\n"
-        "\n"
-        f"{source_block}"
-        "\n"
-        "# Trim, crop, denoise or deinterlace here, before upscaling: the model sees exactly this clip.\n"
-        "\n"
-        "# The model works in RGB and the filter takes YUV or RGB: a GRAY source goes through as YUV with neutral\n"
-        "# chroma (R = G = B) and comes back as GRAY.\n"
-        "gray = clip.format.color_family == vs.GRAY\n"
-        "if gray:\n"
-        "    clip = core.resize.Point(clip, format=clip.format.replace(color_family=vs.YUV, subsampling_w=0,\n"
-        "                                                              subsampling_h=0))\n"
-        "\n"
-        "# core.selftransfer.Upscale knobs; one left out takes its default (in brackets):\n"
-        "#   backend      ['auto'] the fastest one installed for the device: on the CPU 'ov' (OpenVINO) if installed,\n"
-        "#                else 'ort' (ONNX Runtime); on CUDA 'trt' (TensorRT) if the bundle has an engine, else 'torch'.\n"
-        "#                'torch' and 'trt' run code stored in the bundle: pick them only for bundles you trust.\n"
-        "#   device       ['cpu'] or 'cuda' / 'cuda:N'.\n"
-        f"#   tilesize     [whole frame when it has at most {AUTO_TILE_MAX_PIXELS} pixels, else {AUTO_TILE}] tile width, or\n"
-        "#                [width, height], in input pixels; 0 = no tiling. Tiles bound memory; larger ones run faster.\n"
-        f"#   overlap      [{DEFAULT_OVERLAP}] context pixels around each tile. At least the network's reach (22) keeps tiles\n"
-        "#                seamless (tiled = untiled output); less is faster but can show seams.\n"
-        "#   num_streams  [1] frames processed at once, one inference session each.\n"
-        "#   threads      [CPU cores / num_streams] CPU threads per session; 0 = automatic.\n"
-        "#   precision    ['fp32'] 'fp16' and 'bf16' for GPUs, 'int8' when the bundle carries an int8 model.\n"
-        f"clip = core.selftransfer.Upscale(clip, model=MODEL{call_args})\n"
-        "if gray:\n"
-        "    clip = core.std.ShufflePlanes(clip, 0, vs.GRAY)\n"
-        "\n"
-        "# y4m (vspipe -c y4m) carries YUV and GRAY only: an RGB source leaves as 4:4:4 YUV.\n"
-        "if clip.format.color_family == vs.RGB:\n"
-        "    clip = core.resize.Bicubic(clip, format=clip.format.replace(color_family=vs.YUV), matrix_s=\"709\")\n"
-        "\n"
-        "clip.set_output()\n"
+    return SCRIPT_TEMPLATE.format(
+        version=__version__,
+        source=_utf8_path(source, "input"),
+        model=_utf8_path(model, "--model"),
+        model_summary=f"  # {model_summary}" if model_summary else "",
+        source_block=SOURCE_CACHED if index_cache else SOURCE_UNCACHED,
+        call_args="".join(f", {name}={value!r}" for name, value in options.plugin_kwargs().items()),
+        auto_tile_max_pixels=runtime.AUTO_TILE_MAX_PIXELS,
+        auto_tile=runtime.AUTO_TILE,
+        overlap=runtime.DEFAULT_OVERLAP,
     )
 
 
@@ -355,15 +362,27 @@ class StreamPlan:
     warnings: list[str]
 
 
-def _trial_mux(ffmpeg: str, source: Path, maps: list[str], codec_args: list[str], muxer: str, scratch: Path) -> str:
-    """Ask this ffmpeg whether the muxer takes these streams as planned: write just the header. '' when it does."""
+def _trial_mux(ffmpeg: str, source: Path, maps: list[str], codec_args: list[str], muxer: str,
+               scratch: Path) -> str | None:
+    """Ask this ffmpeg whether the muxer takes these streams as planned, by writing just the header. None when it
+    does, else ffmpeg's reason. (Asking the ffmpeg that will run beats a table: what fits where changes between
+    versions, e.g. FLAC in MP4.)"""
     out = scratch / "trial"
     cmd = [ffmpeg, "-nostdin", "-hide_banner", "-v", "error", "-i", str(source), *maps, *codec_args,
            "-t", "0", "-f", muxer, "-y", str(out)]
     done = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace")
     if out.exists():
         out.unlink()
-    return "" if done.returncode == 0 else (_last_lines(done.stderr, 2) or f"ffmpeg exit status {done.returncode}")
+    return None if done.returncode == 0 else (_last_lines(done.stderr, 1) or _status(done.returncode))
+
+
+def _conversion(kind: str, muxer: str, position: int) -> list[str] | None:
+    """Codec options that make stream ``position`` (among the output's streams of ``kind``) fit the muxer."""
+    if kind == "a":
+        return [f"-c:a:{position}", FALLBACK_AUDIO_CODEC, f"-b:a:{position}", FALLBACK_AUDIO_BITRATE]
+    if kind == "s":  # works for text subtitles; ffmpeg cannot turn bitmap subtitles into text
+        return [f"-c:s:{position}", TEXT_SUBTITLE_CODEC[muxer]]
+    return None
 
 
 def plan_streams(ffmpeg: str, source: Path, streams: SourceStreams, muxer: str, scratch: Path) -> StreamPlan:
@@ -373,34 +392,30 @@ def plan_streams(ffmpeg: str, source: Path, streams: SourceStreams, muxer: str, 
     if muxer == "matroska":
         kinds += [("t", s) for s in streams.attachments]
     all_maps = [arg for _, s in kinds for arg in ("-map", f"0:{s['index']}")]
-    if not kinds or not _trial_mux(ffmpeg, source, all_maps, ["-c", "copy"], muxer, scratch):
+    if not kinds or _trial_mux(ffmpeg, source, all_maps, ["-c", "copy"], muxer, scratch) is None:
         return StreamPlan(maps=all_maps, codec_args=[], warnings=[])
     # Something does not fit: decide stream by stream (a few header-only ffmpeg runs).
     plan = StreamPlan(maps=[], codec_args=[], warnings=[])
-    counters = {"a": 0, "s": 0, "t": 0}
+    kept = {"a": 0, "s": 0, "t": 0}  # output streams of each kind so far: per-stream options are numbered so
     for kind, s in kinds:
-        index, codec = s["index"], s.get("codec_name", "unknown")
+        index, codec, what = s["index"], s.get("codec_name", "unknown"), _stream_name(kind)
         one = ["-map", f"0:{index}"]
-        if not _trial_mux(ffmpeg, source, one, ["-c", "copy"], muxer, scratch):
+        reason = _trial_mux(ffmpeg, source, one, ["-c", "copy"], muxer, scratch)
+        if reason is None:
             plan.maps += one
-            counters[kind] += 1
+            kept[kind] += 1
             continue
-        converted: list[str] | None = None
-        if kind == "a":
-            converted = ["-c:a:{i}", FALLBACK_AUDIO[0], FALLBACK_AUDIO[1], FALLBACK_AUDIO[2]]
-        elif kind == "s":
-            converted = ["-c:s:{i}", TEXT_SUBTITLE_CODEC[muxer]]
-        if converted is not None:
-            trial = [arg.replace("{i}", "0") for arg in converted]
-            if not _trial_mux(ffmpeg, source, one, trial, muxer, scratch):
-                plan.maps += one
-                plan.codec_args += [arg.replace("{i}", str(counters[kind])) for arg in converted]
-                counters[kind] += 1
-                plan.warnings.append(f"{_stream_name(kind)} stream #{index} ({codec}) cannot be stored in "
-                                     f"{muxer} as is: converted to {converted[1]}")
-                continue
-        plan.warnings.append(f"{_stream_name(kind)} stream #{index} ({codec}) cannot be stored in {muxer}: "
-                             f"dropped (a .mkv output keeps it)")
+        conversion = _conversion(kind, muxer, kept[kind])
+        if conversion is not None and _trial_mux(ffmpeg, source, one, _conversion(kind, muxer, 0), muxer,
+                                                 scratch) is None:
+            plan.maps += one
+            plan.codec_args += conversion
+            kept[kind] += 1
+            plan.warnings.append(f"{what} stream #{index} ({codec}) cannot be stored in {muxer} as is: "
+                                 f"converted to {conversion[1]}")
+            continue
+        plan.warnings.append(f"{what} stream #{index} ({codec}) cannot be stored in {muxer} ({reason}): dropped "
+                             f"(a .mkv output keeps it)")
     return plan
 
 
@@ -430,12 +445,15 @@ def color_args(video: dict, out_width: int | None, out_height: int | None) -> li
         value = video.get(key)
         if value and value not in ("unknown", "reserved", "unspecified"):
             args += [option, value]
-    sd = lambda w, h: w <= 1024 and h <= 576  # noqa: E731 - the players' SD/HD heuristic
     width, height = int(video.get("width") or 0), int(video.get("height") or 0)
     if ("-colorspace" not in args and out_width and out_height and width and height
-            and sd(width, height) and not sd(out_width, out_height)):
+            and _is_sd(width, height) and not _is_sd(out_width, out_height)):
         args += ["-colorspace", "smpte170m"]
     return args
+
+
+def _is_sd(width: int, height: int) -> bool:
+    return width <= 1024 and height <= 576  # the players' guess for untagged video (mpv, VLC)
 
 
 def build_ffmpeg_command(ffmpeg: str, source: Path, partial: Path, *, muxer: str, video_args: list[str],
@@ -450,7 +468,7 @@ def build_ffmpeg_command(ffmpeg: str, source: Path, partial: Path, *, muxer: str
     # stream's language and title are set by value (its other tags, like the encoder, describe the old stream).
     tags = {k.lower(): v for k, v in streams.video.get("tags", {}).items()}
     for key in ("language", "title"):
-        if tags.get(key):
+        if tags.get(key) and not (key == "language" and tags[key] == "und"):
             cmd += ["-metadata:s:v:0", f"{key}={tags[key]}"]
     cmd += video_args
     cmd += ["-c:a", "copy", "-c:s", "copy"]
@@ -474,8 +492,8 @@ class Progress:
         self.interactive = bool(getattr(self.stream, "isatty", lambda: False)())
         self.total = total
         self.done = 0
-        self.first_frame_at: float | None = None
-        self.started = time.monotonic()
+        self.first_frame_at: float | None = None  # rate is measured from the first frame, not from startup
+        self.first_done = 0
         self._last_decile = -1
         self._last_draw = 0.0
         self._lock = threading.Lock()
@@ -565,6 +583,10 @@ def _vspipe_line(line: str, progress: Progress, tail: collections.deque) -> None
         tail.append(line.rstrip())
 
 
+def _collect_lines(chunks, tail: collections.deque) -> None:
+    tail.extend(line.rstrip() for line in _lines(chunks) if line.strip())
+
+
 def _read_text(pipe):
     """Decoded chunks of a child's stderr as they come (not line-buffered: vspipe's progress ends in CR)."""
     import codecs
@@ -618,21 +640,16 @@ def run_pipeline(vspipe_cmd: list[str], ffmpeg_cmd: list[str], progress: Progres
         readers = [
             threading.Thread(target=parse_vspipe_stderr, args=(_read_text(vspipe.stderr), progress, vs_tail),
                              daemon=True),
-            threading.Thread(target=lambda: ff_tail.extend(line.rstrip() for line in _lines(_read_text(ffmpeg.stderr))
-                                                           if line.strip()),
-                             daemon=True),
+            threading.Thread(target=_collect_lines, args=(_read_text(ffmpeg.stderr), ff_tail), daemon=True),
         ]
         for t in readers:
             t.start()
-        first_failure = None
         while any(p.poll() is None for p in procs):
-            for p in procs:
-                if first_failure is None and p.returncode not in (None, 0):
-                    first_failure = p
-                    for other in procs:  # the other one cannot produce anything useful any more
-                        if other.poll() is None:
-                            other.kill()
-                            killed.add(other.pid)
+            if any(p.returncode not in (None, 0) for p in procs):
+                for other in procs:  # once one has failed, the other cannot produce anything useful
+                    if other.poll() is None:
+                        other.kill()
+                        killed.add(other.pid)
             time.sleep(0.05)
         for t in readers:
             t.join(timeout=5)
@@ -642,25 +659,27 @@ def run_pipeline(vspipe_cmd: list[str], ffmpeg_cmd: list[str], progress: Progres
                 p.kill()
                 killed.add(p.pid)
             p.wait()
-    _raise_on_failure(vspipe, ffmpeg, vs_tail, ff_tail, killed, first_failure)
+    _raise_on_failure(vspipe, ffmpeg, vs_tail, ff_tail, killed)
 
 
-def _raise_on_failure(vspipe, ffmpeg, vs_tail, ff_tail, killed, first_failure) -> None:
+def _raise_on_failure(vspipe, ffmpeg, vs_tail, ff_tail, killed) -> None:
+    """Blame the process that failed by itself: not one we killed, and not vspipe dying because ffmpeg went away
+    (SIGPIPE, or "fwrite() call failed ... errno: 32" when SIGPIPE is ignored)."""
     def failed_by_itself(p):
         return p.returncode != 0 and p.pid not in killed
 
-    # vspipe dying of SIGPIPE (or a write error) means ffmpeg went away first: ffmpeg is the one to blame.
-    vspipe_own = failed_by_itself(vspipe) and vspipe.returncode != -signal.SIGPIPE
-    ffmpeg_own = failed_by_itself(ffmpeg)
-    if vspipe_own and (first_failure is vspipe or not ffmpeg_own or not _broken_pipe(vs_tail)):
+    vspipe_own = (failed_by_itself(vspipe) and vspipe.returncode != -signal.SIGPIPE
+                  and not any("errno: 32" in line or "Broken pipe" in line for line in vs_tail))
+    if vspipe_own:
         from vs_selftransfer import PLUGIN_HINT
 
         hint = f"\n({PLUGIN_HINT})" if _plugin_missing("\n".join(vs_tail)) else ""
         raise PipelineError(f"vspipe failed ({_status(vspipe.returncode)}):\n{_indent(vs_tail)}{hint}")
-    if ffmpeg_own:
+    if failed_by_itself(ffmpeg):
         raise PipelineError(f"ffmpeg failed ({_status(ffmpeg.returncode)}):\n{_indent(ff_tail)}")
-    if vspipe.returncode != 0 or ffmpeg.returncode != 0:  # both killed: only by us, which callers never see
-        raise PipelineError(f"vspipe {_status(vspipe.returncode)}, ffmpeg {_status(ffmpeg.returncode)}")
+    if vspipe.returncode != 0 or ffmpeg.returncode != 0:
+        raise PipelineError(f"vspipe {_status(vspipe.returncode)}, ffmpeg {_status(ffmpeg.returncode)}:\n"
+                            f"{_indent([*vs_tail, *ff_tail])}")
 
 
 def _plugin_missing(vspipe_stderr: str) -> bool:
@@ -692,11 +711,6 @@ def preflight(vspipe: str, model: str | os.PathLike, options: FilterOptions, wid
                    if line.startswith("Python exception:")), None)
     raise UserError(reason or f"vspipe cannot evaluate the filter ({_status(done.returncode)}): "
                               f"{_last_lines(done.stderr, 3)}")
-
-
-def _broken_pipe(tail) -> bool:
-    return any("Broken pipe" in line or "fwrite() call failed" in line or "write" in line.lower()
-               and "fail" in line.lower() for line in tail)
 
 
 def _status(code: int) -> str:
@@ -731,6 +745,7 @@ def add_upscale_arguments(p) -> None:
                    help="extra ffmpeg output options, shell-quoted, added after the encoder's (e.g. \"-pix_fmt "
                         "yuv420p -b:a 128k\")")
     p.add_argument("--force", action="store_true", help="overwrite the output if it exists")
+    p.add_argument("--verbose", action="store_true", help="print the vspipe and ffmpeg command lines")
     _add_filter_arguments(p)
 
 
@@ -817,7 +832,10 @@ def run_upscale(args) -> int:
         raise UserError(f"--output {out}: MP4 cannot store FFV1; use .mkv or .mov with --encoder ffv1")
     tools = find_tools()
     info = probe(source)
-    streams = inspect_source(tools.ffprobe, source)
+    # Absolute paths for ffmpeg: a name like "-x.mp4" or "concat:a|b" would otherwise be read as an option or a
+    # protocol.
+    source_path, out_path = Path(os.path.abspath(source)), Path(os.path.abspath(out))
+    streams = inspect_source(tools.ffprobe, source_path)
     bundle = Bundle.open(model)
     if os.path.lexists(out) and source.exists() and os.path.samefile(source, out):
         raise UserError(f"--output {out}: is the input video")
@@ -833,19 +851,21 @@ def run_upscale(args) -> int:
     previous_handlers = _trap_termination()
     try:
         preflight(tools.vspipe, model, options, info.width, info.height, scratch)
-        plan = plan_streams(tools.ffmpeg, source, streams, muxer, scratch)
+        plan = plan_streams(tools.ffmpeg, source_path, streams, muxer, scratch)
         for warning in plan.warnings:
             print(f"selftransfer upscale: warning: {warning}", file=sys.stderr)
         script = scratch / "upscale.vpy"
-        script.write_text(build_script(source, model, options, index_cache=False,
+        script.write_text(build_script(source_path, model, options, index_cache=False,
                                        model_summary=_model_summary(bundle)), encoding="utf-8")
-        partial = _PartialFile(out)
+        partial = _PartialFile(out_path)
         vspipe_cmd = [tools.vspipe, "-c", "y4m", "-p", str(script), "-"]
         ffmpeg_cmd = build_ffmpeg_command(
-            tools.ffmpeg, source, partial.path, muxer=muxer,
+            tools.ffmpeg, source_path, partial.path, muxer=muxer,
             video_args=encoder_args(encode.encoder, encode.crf, encode.preset, muxer)
             + color_args(streams.video, *out_size),
             streams=streams, plan=plan, extra=encode.extra)
+        if args.verbose:
+            print(f"selftransfer upscale: {shlex.join(vspipe_cmd)} | {shlex.join(ffmpeg_cmd)}", file=sys.stderr)
         progress = Progress(total=info.frames)
         started = time.monotonic()
         try:

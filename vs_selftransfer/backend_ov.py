@@ -5,6 +5,7 @@ so we refuse instead of pretending.
 """
 from __future__ import annotations
 
+import sys
 import threading
 
 import numpy as np
@@ -23,7 +24,7 @@ def available(device: str = "cpu") -> str | None:
     except ValueError as e:
         return str(e)
     try:
-        import openvino as ov
+        ov = import_openvino()
     except ImportError:
         return "OpenVINO is not installed (pip install openvino, or pip install 'selftransfer[openvino]')"
     if kind == "cpu":
@@ -36,6 +37,19 @@ def available(device: str = "cpu") -> str | None:
     except Exception as e:  # noqa: BLE001
         return f"OpenVINO cannot list its devices: {e}"
     return None if target in devices else f"OpenVINO sees no {target} device (it has {devices})"
+
+
+def import_openvino():
+    """``import openvino``, without its usage telemetry.
+
+    Importing openvino imports its model converter, which (unless the user opted out) sends a usage event to
+    Google Analytics from a forked child process. In a multi-threaded VapourSynth host a fork can deadlock, and a
+    video filter has no business phoning home: with its telemetry package hidden, OpenVINO uses its own no-op stub.
+    """
+    if "openvino" not in sys.modules:
+        sys.modules.setdefault("openvino_telemetry", None)
+    import openvino
+    return openvino
 
 
 def _ov_device(kind: str, index: int) -> str:
@@ -54,8 +68,7 @@ class Backend:
         if not bundle.has(member):
             raise ValueError(f"{bundle.path}: precision int8 needs a calibrated model.int8.onnx, which this bundle "
                              f"does not have; use precision fp32")
-        import openvino as ov
-
+        ov = import_openvino()
         core = ov.Core()
         target = _ov_device(kind, index)
         if precision in _CAPABILITY:

@@ -1,0 +1,267 @@
+"""``selftransfer fit VIDEO -o MODEL.stm``: the whole offline phase in one command.
+
+probe the video -> pick training and held-out frames (``trainer.keyframes.select_frames``) -> HR/LR pairs
+(``trainer.pairs.write_pairs``) -> fine-tune (``trainer.train.train``) -> bundle (``trainer.export.export_bundle``).
+
+Intermediate files go to a work folder (``--work-dir``, default ``MODEL.work`` next to the output): ``fit.json``
+(what the folder was made for), ``frames.json``, ``pairs.h5`` and ``run/`` (the training checkpoint). It is removed
+after a successful run unless ``--keep-work``. Every file in it, and the bundle, is written to a temporary name,
+fsynced and renamed, so a killed run leaves only complete files (and temporaries that the next run deletes).
+
+``--resume`` after an interruption reuses a complete pairs file made from the same video with the same settings,
+and continues training from the last checkpoint. Without ``--resume`` the work folder's earlier state is discarded.
+The ``--minutes`` budget is the training stage's (baselines, steps, validations); picking frames, making pairs and
+exporting come on top (seconds to a minute for a short clip).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from trainer.cli import UserError
+from trainer.degrade import CRF_RANGE, DEGRADATIONS
+from trainer.train import add_config_arguments, check_budget_args, config_from_args
+
+WORK_MARKER = "fit.json"
+FRAMES_JSON = "frames.json"
+PAIRS_H5 = "pairs.h5"
+RUN_DIR = "run"
+WORK_FORMAT = "selftransfer-fit-work"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("video", help="the video to learn from")
+    parser.add_argument("-o", "--output", required=True, help="model bundle to write (.stm)")
+    parser.add_argument("--scale", type=int, default=2, choices=(2, 3, 4), help="upscaling factor (default 2)")
+    add_config_arguments(parser)
+    parser.add_argument("--degradation", default="bicubic", choices=DEGRADATIONS,
+                        help="how LR training inputs are made: bicubic (MATLAB imresize, default), cv2_cubic, or "
+                             "x264 (bicubic then an x264 encode at --crf, for compressed low-resolution video)")
+    parser.add_argument("--crf", type=int, default=23, help="x264 CRF for --degradation x264 (0..51, default 23)")
+    parser.add_argument("--frames", type=int, default=24, help="training frames to pick (default 24)")
+    parser.add_argument("--val-frames", type=int, default=4,
+                        help="held-out validation frames that decide whether training helped (default 4)")
+    parser.add_argument("--work-dir", help="folder for intermediate files (default: OUTPUT.work next to the output)")
+    parser.add_argument("--keep-work", action="store_true", help="keep the work folder after success")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing output bundle")
+    parser.add_argument("--progress", action="store_true", help="show the progress bar even when not on a terminal")
+
+
+def run(args) -> int:
+    from trainer.video import check_output_path, check_trainable, probe
+
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    # Every argument is checked before any work.
+    check_budget_args(args)
+    if not CRF_RANGE[0] <= args.crf <= CRF_RANGE[1]:
+        raise UserError(f"--crf must be an integer in {CRF_RANGE[0]}..{CRF_RANGE[1]}, not {args.crf}")
+    if args.frames < 1:
+        raise UserError(f"--frames must be at least 1, not {args.frames}")
+    if args.val_frames < 1:
+        raise UserError(f"--val-frames must be at least 1 (validation decides what ships), not {args.val_frames}")
+    cfg = config_from_args(args, scale=args.scale)
+    output = check_output_path(args.output, args.force)
+    init_desc = resolve_init(args.init)
+    info = probe(args.video)
+    check_trainable(info, args.scale, cfg.patch)
+    work = Path(args.work_dir) if args.work_dir else output.with_suffix(".work")
+    if work.exists() and not work.is_dir():
+        raise UserError(f"--work-dir {work}: exists and is not a folder")
+    if work.resolve() == output.resolve():
+        raise UserError(f"--work-dir {work}: must not be the output file itself")
+    if work.resolve() == output.resolve().parent:
+        raise UserError(f"--work-dir {work}: must not be the output's folder (it is deleted after success)")
+    timings["probe_s"] = time.perf_counter() - t_start
+
+    # The work folder, and what it was made for: --resume only reuses work made from the same inputs.
+    t = time.perf_counter()
+    spec = {
+        "format": WORK_FORMAT,
+        "video": {"path": info.path, "size": Path(info.path).stat().st_size, "sha256": info.sha256},
+        "scale": args.scale, "degradation": args.degradation, "crf": args.crf if args.degradation == "x264" else None,
+        "frames": args.frames, "val_frames": args.val_frames, "seed": args.seed, "init": args.init,
+    }
+    created_work = not work.exists()
+    work.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(output.parent, output.name)
+    remove_temporaries(work, PAIRS_H5, FRAMES_JSON, WORK_MARKER)
+    marker = work / WORK_MARKER
+    resume = args.resume
+    if resume and marker.is_file():
+        old = read_marker(marker)
+        if old != spec:
+            changed = [k for k in spec if old.get(k) != spec[k]] if isinstance(old, dict) else ["everything"]
+            raise UserError(f"{work} holds work for other inputs or settings ({', '.join(changed)} differ); rerun "
+                            "without --resume to start over, or with the original settings")
+    elif resume:
+        say(f"--resume: {work} holds no earlier run; starting from the beginning")
+        resume = False
+    if not resume:
+        discard_work(work)
+    from vs_selftransfer.bundle import atomic_write
+
+    atomic_write(marker, (json.dumps(spec, indent=1) + "\n").encode())
+
+    # Frames and pairs.
+    pairs_path = work / PAIRS_H5
+    if resume and pairs_usable(pairs_path, spec):
+        say(f"--resume: reusing {pairs_path}")
+    else:
+        from trainer.keyframes import select_frames, summary
+        from trainer.pairs import write_pairs
+
+        selection = select_frames(info.path, target=args.frames, val=args.val_frames, seed=args.seed)
+        say(summary(selection))
+        atomic_write(work / FRAMES_JSON, (json.dumps(selection.to_json(), indent=1) + "\n").encode())
+        write_pairs(pairs_path, selection, args.scale, args.degradation, args.crf)
+        del selection  # the decoded frames: the pairs file has what training needs
+    timings["frames_pairs_s"] = time.perf_counter() - t
+
+    # Training.
+    from trainer.train import train
+
+    t = time.perf_counter()
+    result = train(pairs_path, work / RUN_DIR, cfg, init=init_desc["path"], resume=resume,
+                   progress=True if args.progress else None)
+    timings["train_s"] = time.perf_counter() - t
+    timings["train_total_s"] = result.wall_s  # over every resumed call
+
+    # Export.
+    from trainer.export import export_bundle
+    from trainer.pairs import Pairs
+
+    t = time.perf_counter()
+    with Pairs(pairs_path) as pairs:
+        source = dict(pairs.source, size=spec["video"]["size"])
+        frames = {
+            "train": list(pairs.train_indices), "val": list(pairs.val_indices),
+            "kinds": {"train": list(pairs.train_kinds), "val": list(pairs.val_kinds)},
+            "times": {"train": list(pairs.train_times), "val": list(pairs.val_times)},
+            "selection": dict(pairs.selection),
+        }
+        degradation = dict(pairs.degradation)
+    train_config = dict(cfg.to_dict(), init=init_desc["name"], init_sha256=init_desc["sha256"],
+                        horizon=result.horizon, device=result.device, precision=result.precision,
+                        threads=result.threads)
+    extra = {
+        "source": source, "frames": frames, "degradation": degradation, "train_config": train_config,
+        "validation": result.validation(),
+        "timings": dict(timings, s_per_step=result.s_per_step, images_per_s=result.images_per_s),
+    }
+    check_output_path(output, args.force)  # it may have appeared while we trained
+    manifest = export_bundle(result.model, output, extra=extra)
+    timings["export_s"] = time.perf_counter() - t
+
+    if not args.keep_work:
+        discard_work(work)
+        (work / WORK_MARKER).unlink(missing_ok=True)
+        if created_work or not any(work.iterdir()):
+            shutil.rmtree(work, ignore_errors=True)
+    timings["total_s"] = time.perf_counter() - t_start
+    print_summary(args, output, manifest, result, frames, timings, work if args.keep_work else None)
+    return 0
+
+
+# -- helpers ----------------------------------------------------------------------------------------------------
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def resolve_init(init: str) -> dict:
+    """Check ``--init`` before any work: the official checkpoint is fetched (or found in the cache) now, a path
+    must be a file. Returns {"name", "path" (what train() loads), "sha256"}."""
+    from trainer.weights import official_checkpoint, sha256_file
+
+    if init == "none":
+        return {"name": "none", "path": "none", "sha256": None}
+    if init == "official":
+        try:
+            path = official_checkpoint("carn_m")
+        except (RuntimeError, ValueError) as e:
+            raise UserError(f"--init official: {e}") from None
+        return {"name": "official", "path": str(path), "sha256": sha256_file(path)}
+    path = Path(init)
+    if not path.is_file():
+        raise UserError(f"--init {init}: no such weights file" if not path.exists() else f"--init {init}: not a file")
+    return {"name": path.name, "path": str(path), "sha256": sha256_file(path)}
+
+
+def read_marker(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def pairs_usable(path: Path, spec: dict) -> bool:
+    """A complete pairs file from this video with this scale and degradation (pairs files are written atomically,
+    so an existing one is complete unless damaged afterwards)."""
+    from trainer.pairs import Pairs
+
+    if not path.is_file():
+        return False
+    try:
+        with Pairs(path) as pairs:
+            want = {"method": spec["degradation"], "scale": spec["scale"]}
+            if spec["degradation"] == "x264":
+                want["crf"] = spec["crf"]
+            return (pairs.scale == spec["scale"] and pairs.degradation == want
+                    and pairs.source["sha256"] == spec["video"]["sha256"]
+                    and len(pairs.val_indices) == spec["val_frames"] and len(pairs.train_indices) > 0)
+    except (UserError, OSError, KeyError, ValueError):
+        return False
+
+
+def discard_work(work: Path) -> None:
+    """Remove what an earlier run left in the work folder (only the files fit itself writes)."""
+    from trainer.train import CHECKPOINT, MODEL, RESULT
+
+    for name in (FRAMES_JSON, PAIRS_H5):
+        (work / name).unlink(missing_ok=True)
+    run_dir = work / RUN_DIR
+    if run_dir.is_dir():
+        for name in (CHECKPOINT, MODEL, RESULT):
+            (run_dir / name).unlink(missing_ok=True)
+        remove_temporaries(run_dir, CHECKPOINT, MODEL, RESULT)
+        try:
+            run_dir.rmdir()
+        except OSError:
+            pass  # not empty: something that is not ours
+
+
+def remove_temporaries(folder: Path, *names: str) -> None:
+    """Temporaries of atomic writes interrupted by a kill (named ``.NAME.<random>.tmp``)."""
+    for name in names:
+        for tmp in folder.glob(f".{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
+def print_summary(args, output: Path, manifest: dict, result, frames: dict, timings: dict, kept: Path | None) -> None:
+    v = manifest["validation"]
+    kinds = frames["kinds"]["train"]
+    counts = ", ".join(f"{kinds.count(k)} {k}" for k in ("key", "scene", "even") if kinds.count(k))
+    gain = (v["shipped_psnr_y"] - v["generic_psnr_y"])
+    tuned = "none (no step ran)" if v["selftransfer_psnr_y"] is None else f"{v['selftransfer_psnr_y']:.3f} dB"
+    speed = (f"{result.s_per_step:.2f} s/step, {result.images_per_s:.1f} patches/s" if result.s_per_step
+             else "no timed step")
+    lines = [
+        f"fit {Path(args.video).name} -> {output}",
+        f"  frames: {len(frames['train'])} training ({counts}), {len(frames['val'])} held-out validation "
+        f"{frames['val']}",
+        f"  training: {result.steps} steps ({speed}) on {result.device}, {result.precision}, {result.threads} "
+        f"threads, batch {result.train_config.batch} x {result.train_config.patch} px",
+        f"  validation PSNR-Y: bicubic {v['bicubic_psnr_y']:.3f} dB, generic {v['generic_psnr_y']:.3f} dB, "
+        f"self-transfer best {tuned}",
+        f"  shipped: {v['shipped']} ({v['shipped_psnr_y']:.3f} dB, {gain:+.3f} dB over generic) - {v['message']}",
+        f"  wall time: {timings['total_s']:.0f} s (probe {timings['probe_s']:.1f} s, frames+pairs "
+        f"{timings['frames_pairs_s']:.1f} s, training {timings['train_s']:.0f} s, export {timings['export_s']:.1f} s)",
+    ]
+    if kept is not None:
+        lines.append(f"  work folder kept: {kept}")
+    print("\n".join(lines))
