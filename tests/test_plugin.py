@@ -344,16 +344,22 @@ def test_bad_bundles(core, tiny_bundle, tmp_path):
                    if name == "model.onnx" else data)
     assert "model.onnx does not match its sha256" in error(tampered)
 
-    def future_version(name, data):
-        if name != MANIFEST:
-            return data
-        manifest = json.loads(data)
-        manifest["format_version"] = 99
-        return json.dumps(manifest).encode()
+    def edit_manifest(edit):
+        def change(name, data):
+            if name != MANIFEST:
+                return data
+            manifest = json.loads(data)
+            edit(manifest)
+            return json.dumps(manifest).encode()
+        return change
 
     future = tmp_path / "future.stm"
-    rewrite_bundle(tiny_bundle, future, future_version)
+    rewrite_bundle(tiny_bundle, future, edit_manifest(lambda m: m.update(format_version=99)))
     assert "bundle format version 99 is not supported" in error(future)
+
+    bgr = tmp_path / "bgr.stm"
+    rewrite_bundle(tiny_bundle, bgr, edit_manifest(lambda m: m["input"].update(channels="BGR")))
+    assert error(bgr).startswith(f"{FUNC}: model: {bgr}: manifest input must be")
 
     pickled = tmp_path / "pickled.stm"
     with zipfile.ZipFile(tiny_bundle) as zin, zipfile.ZipFile(pickled, "w") as zout:

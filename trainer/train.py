@@ -496,7 +496,10 @@ def train(pairs_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: TrainC
     from trainer.weights import initial_model
 
     t_call = time.perf_counter()
+    pairs = Pairs(pairs_path)  # first: a wrong pairs path must not leave an empty run folder behind
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir}: exists and is not a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out_dir)
     ckpt_path = out_dir / CHECKPOINT
@@ -507,7 +510,6 @@ def train(pairs_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: TrainC
             raise UserError(f"{ckpt_path} was made with other settings ({'; '.join(diff)}); "
                             "resume with the same settings, or start over without --resume")
 
-    pairs = Pairs(pairs_path)
     scale = pairs.scale
     if cfg.scale and cfg.scale != scale:
         raise UserError(f"--scale {cfg.scale} does not match {pairs_path}, which holds x{scale} pairs")

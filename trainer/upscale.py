@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import fcntl
 import json
 import math
 import os
@@ -31,6 +30,7 @@ from pathlib import Path
 
 from trainer.cli import UserError
 from vs_selftransfer import runtime
+from vs_selftransfer.backend_base import parse_device
 
 BACKENDS = ("auto", *runtime.BACKENDS)
 PRECISIONS = runtime.PRECISIONS
@@ -76,8 +76,11 @@ class FilterOptions:
     def validate(self) -> None:
         if self.backend is not None and self.backend not in BACKENDS:
             raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
-        if self.device is not None and not runtime.DEVICE.fullmatch(self.device):
-            raise UserError(f"--device must be cpu, cuda or cuda:N, not {self.device!r}")
+        if self.device is not None:
+            try:
+                parse_device(self.device)
+            except ValueError as e:
+                raise UserError(f"--device: {e}") from None
         if self.overlap is not None and self.overlap < 0:
             raise UserError(f"--overlap must be 0 or more pixels, not {self.overlap}")
         if self.num_streams is not None and self.num_streams < 1:
@@ -108,7 +111,7 @@ def _parse_tilesize(text: str | None) -> tuple[int, ...] | None:
 def _add_filter_arguments(p) -> None:
     g = p.add_argument_group("filter options (core.selftransfer.Upscale; unset ones use the plugin's defaults)")
     g.add_argument("--backend", choices=BACKENDS, help="inference backend (auto: fastest installed for the device)")
-    g.add_argument("--device", help="cpu, cuda or cuda:N")
+    g.add_argument("--device", help="cpu (default), cuda[:N] (NVIDIA) or gpu[:N] (Intel, OpenVINO)")
     g.add_argument("--tilesize", metavar="N|WxH", help="tile size in input pixels (0: no tiling)")
     g.add_argument("--overlap", type=int, help="context pixels around each tile")
     g.add_argument("--num-streams", type=int, help="frames processed in parallel")
@@ -157,7 +160,7 @@ if gray:
 #   backend      ['auto'] the fastest one installed for the device: on the CPU 'ov' (OpenVINO) if installed,
 #                else 'ort' (ONNX Runtime); on CUDA 'trt' (TensorRT) if the bundle has an engine, else 'torch'.
 #                'torch' and 'trt' run code stored in the bundle: pick them only for bundles you trust.
-#   device       ['cpu'] or 'cuda' / 'cuda:N'.
+#   device       ['cpu'], 'cuda' / 'cuda:N' (NVIDIA) or 'gpu' / 'gpu:N' (Intel, with OpenVINO).
 #   tilesize     [whole frame up to {auto_tile_max_pixels} pixels, else {auto_tile}] tile width, or [width, height],
 #                in input pixels; 0 = no tiling. Tiles bound memory; larger ones run faster.
 #   overlap      [{overlap}] context pixels around each tile. At least the network's reach (22) keeps tiles
@@ -610,15 +613,17 @@ class _Terminated(BaseException):
 
 
 def _die_with_parent(parent_pid: int):
-    """preexec_fn: the child gets SIGKILL when we die, even by SIGKILL (Linux), so no orphan keeps encoding."""
-    def set_pdeathsig():
-        if sys.platform.startswith("linux"):
-            import ctypes
+    """preexec_fn (Linux): the child gets SIGKILL when we die, even by SIGKILL, so no orphan keeps encoding."""
+    if not sys.platform.startswith("linux"):
+        return None
 
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-            if os.getppid() != parent_pid:  # we died between fork and prctl
-                os._exit(1)
+    def set_pdeathsig():
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent_pid:  # we died between fork and prctl
+            os._exit(1)
     return set_pdeathsig
 
 
@@ -791,7 +796,11 @@ class _PartialFile:
         except OSError as e:
             raise UserError(f"--output {out}: cannot write in {out.parent}: {e.strerror}") from None
         try:
+            import fcntl  # POSIX; elsewhere two runs for one OUT are not kept apart
+
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:
+            pass
         except BlockingIOError:
             os.close(self.fd)
             raise UserError(f"--output {out}: another selftransfer upscale is writing it ({self.path})") from None
@@ -881,8 +890,8 @@ def run_upscale(args) -> int:
         print(f"selftransfer upscale: error: {e}", file=sys.stderr)
         return 1
     except _Terminated as e:
-        print(f"selftransfer upscale: terminated by {signal.Signals(e.signum).name}; nothing written",
-              file=sys.stderr)
+        done = f"{out} was complete and is kept" if partial is not None and partial.committed else "nothing written"
+        print(f"selftransfer upscale: terminated by {signal.Signals(e.signum).name}; {done}", file=sys.stderr)
         return 128 + e.signum
     finally:
         if partial is not None:
@@ -899,7 +908,8 @@ def _trap_termination() -> dict:
     def handler(signum, frame):
         raise _Terminated(signum)
 
-    return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    signals = [signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])]
+    return {sig: signal.signal(sig, handler) for sig in signals}
 
 
 def _restore_handlers(previous: dict) -> None:
