@@ -230,7 +230,7 @@ def test_onnx_validation_runner_matches_pytorch():
 # -- training on the shared clip -------------------------------------------------------------------------------------
 
 def test_few_steps_on_the_shared_clip(clip_pairs, official_path, tmp_path):
-    cfg = TrainConfig(steps=6, patch=24, batch=4, val_every=6, threads=1)
+    cfg = TrainConfig(steps=6, patch=24, batch=4, val_every=6, threads=1, val_backend="ort")
     r = train(clip_pairs, tmp_path, cfg, init=str(official_path), verbose=False)
     assert r.steps == 6 and len(r.history) == 1
     # The official CARN-M beats bicubic by a wide margin on real frames (validated through ONNX Runtime here).

@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -517,9 +518,12 @@ def test_sigkill_leaves_no_output_and_no_orphans(media, tiny_bundle, tmp_path, c
     assert not any(_alive(c) for c in children), "vspipe/ffmpeg outlived a SIGKILLed selftransfer"
     assert not out.exists()
     assert leftovers(tmp_path) == [up.partial_path(out).name]  # obviously unfinished, and...
+    scratch = list(Path(tempfile.gettempdir()).glob(f"{up.SCRATCH_PREFIX}{proc.pid}-*"))
+    assert scratch  # the killed run's temp folder (its .vpy)...
     rc, err = run(capsys, "upscale", media.small, "-o", out, "--model", tiny_bundle)
     assert rc == 0, err
     assert leftovers(tmp_path) == [] and int(streams_of(out)[0]["nb_read_packets"]) == FRAMES  # ...cleaned up
+    assert not any(p.exists() for p in scratch)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")
@@ -571,7 +575,7 @@ def test_blame_goes_to_the_process_that_failed_by_itself():
 
 def test_ffmpeg_command_and_colour_tags(tmp_path):
     streams = up.SourceStreams(video={"index": 1, "start_time": "0.250", "tags": {"language": "jpn"}},
-                               audio=[{"index": 0}], subtitles=[], attachments=[], chapters=0, start_time=0.0)
+                               audio=[{"index": 0}], subtitles=[], attachments=[], start_time=0.0)
     plan = up.StreamPlan(maps=["-map", "0:0"], codec_args=[], warnings=[])
     cmd = up.build_ffmpeg_command("ffmpeg", Path("in.mp4"), Path(".out.mkv.partial.mkv"), muxer="matroska",
                                   video_args=["-c:v", "libx264"], streams=streams, plan=plan, extra=["-g", "48"])

@@ -48,6 +48,7 @@ TEXT_SUBTITLE_CODEC = {"matroska": "srt", "mp4": "mov_text", "mov": "mov_text"}
 # Audio the container cannot store is re-encoded to this (AAC goes into all three containers).
 FALLBACK_AUDIO_CODEC, FALLBACK_AUDIO_BITRATE = "aac", "192k"
 PARTIAL_MARK = ".partial"
+SCRATCH_PREFIX = "selftransfer-upscale-"  # + pid + random: a temp folder per run, for the .vpy and trial muxes
 STDERR_TAIL_LINES = 25
 
 
@@ -242,6 +243,9 @@ def run_script(args) -> int:
         sys.stdout.write(text)
     else:
         atomic_write(out, text.encode("utf-8"))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(out, 0o666 & ~umask)  # a script to share and edit, not a secret (the temp file was 0600)
     return 0
 
 
@@ -314,7 +318,6 @@ class SourceStreams:
     audio: list[dict]
     subtitles: list[dict]
     attachments: list[dict]
-    chapters: int
     start_time: float  # of the file: ffmpeg shifts the source's streams by -start_time
 
     @property
@@ -332,7 +335,7 @@ def _seconds(value, default: float = 0.0) -> float:
 
 
 def inspect_source(ffprobe: str, path: Path) -> SourceStreams:
-    cmd = [ffprobe, "-v", "error", "-of", "json", "-show_streams", "-show_chapters", "-show_format", str(path)]
+    cmd = [ffprobe, "-v", "error", "-of", "json", "-show_streams", "-show_format", str(path)]
     done = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace")
     if done.returncode != 0:
         raise UserError(f"input {path}: ffprobe cannot read it: {_last_lines(done.stderr, 3) or 'unknown error'}")
@@ -350,7 +353,6 @@ def inspect_source(ffprobe: str, path: Path) -> SourceStreams:
         audio=[s for s in streams if s.get("codec_type") == "audio"],
         subtitles=[s for s in streams if s.get("codec_type") == "subtitle"],
         attachments=[s for s in streams if s.get("codec_type") == "attachment"],
-        chapters=len(info.get("chapters", [])),
         start_time=_seconds(info.get("format", {}).get("start_time")),
     )
 
@@ -855,7 +857,8 @@ def run_upscale(args) -> int:
               file=sys.stderr)
     out_size = (info.width * bundle.scale, info.height * bundle.scale)
 
-    scratch = Path(tempfile.mkdtemp(prefix="selftransfer-upscale-"))
+    _remove_stale_scratch()
+    scratch = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-"))
     partial = None
     previous_handlers = _trap_termination()
     try:
@@ -898,6 +901,26 @@ def run_upscale(args) -> int:
             partial.close()
         shutil.rmtree(scratch, ignore_errors=True)
         _restore_handlers(previous_handlers)
+
+
+def _remove_stale_scratch() -> None:
+    """Delete the scratch folders (the .vpy, trial muxes) that SIGKILLed runs of this user left in the temp dir:
+    the ones whose process is gone. (A live process that reused the pid keeps its folder: harmless.)"""
+    pattern = re.compile(re.escape(SCRATCH_PREFIX) + r"(\d+)-\w+")
+    try:
+        entries = list(os.scandir(tempfile.gettempdir()))
+    except OSError:
+        return
+    for entry in entries:
+        m = pattern.fullmatch(entry.name)
+        if not m or not entry.is_dir(follow_symlinks=False) or entry.stat().st_uid != os.getuid():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry.path, ignore_errors=True)
+        except (PermissionError, OverflowError):
+            pass
 
 
 def _trap_termination() -> dict:
