@@ -584,6 +584,7 @@ def train(pairs_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: TrainC
         state = {
             "bicubic_psnr_y": bicubic, "generic_psnr_y": generic, "history": [], "losses": [],
             "validated_quarters": 0, "elapsed_s": time.perf_counter() - t_call, "step_s": 0.0, "timed_steps": 0,
+            "train_s": 0.0,
             # A zero steps budget is allowed: it scores bicubic and generic, and ships generic.
             "val_s": val_s, "n_val": 1, "planned": not cfg.minutes, "done": cfg.steps == 0 and not cfg.minutes,
         }
@@ -653,6 +654,7 @@ def train(pairs_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: TrainC
             raise RuntimeError(f"training diverged at step {step + 1} (loss {loss_value}); lower --lr")
         step += 1
         state["losses"].append(loss_value)
+        state["train_s"] += time.perf_counter() - t_step  # every step, for time-to-quality figures
         if step > 1:  # the first step pays for allocations and would skew the estimate
             state["step_s"] += time.perf_counter() - t_step
             state["timed_steps"] += 1
@@ -683,7 +685,8 @@ def train(pairs_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: TrainC
             state["validated_quarters"] = math.floor(progress_at(step, sched) * 4 + 1e-9)
             window = state["losses"][-min(20, step):]
             state["history"].append({"step": step, "psnr_y": score, "loss": float(np.mean(window)),
-                                     "lr": lr_at(step - 1, sched, cfg), "elapsed_s": elapsed()})
+                                     "lr": lr_at(step - 1, sched, cfg), "elapsed_s": elapsed(),
+                                     "train_s": state["train_s"]})
             if score > best["psnr_y"]:
                 best = {"step": step, "psnr_y": score, "model": cpu_state(model.state_dict())}
             if verbose:
