@@ -1,5 +1,5 @@
 """`selftransfer fit` end to end (trainer/fit.py): the bundle and its manifest, argument and input errors, and
-SIGKILL at moments during training and export followed by `--resume`."""
+SIGKILL during frame extraction, training and export, each followed by `--resume`."""
 from __future__ import annotations
 
 import json
@@ -88,26 +88,31 @@ def _run_until(cmd, ready, out, timeout=300):
     return err.decode()
 
 
-def test_sigkill_during_training_and_export_then_resume(small_clip, official_path, tmp_path):
+def test_sigkill_during_extraction_training_and_export_then_resume(small_clip, official_path, tmp_path):
     out = tmp_path / "small.stm"
-    run_dir = tmp_path / "small.work" / "run"
-    ckpt = run_dir / "checkpoint.pt"
+    work = tmp_path / "small.work"
+    ckpt = work / "run" / "checkpoint.pt"
     cmd = _fit_cmd(small_clip, out, official_path, steps=40)
 
+    # 1. Killed while picking frames / making pairs (fit.json is written just before).
+    _run_until(cmd, lambda: (work / "fit.json").exists(), out)
+    assert not out.exists()
+
+    # 2. Resumed, then killed during training, once a checkpoint past step 0 exists. A checkpoint that exists is
+    #    always complete (temporary file, fsync, rename): loading it must never fail.
     def training_checkpoint():
-        # A checkpoint that exists is always complete (written to a temporary file, fsynced, renamed).
         return ckpt.exists() and torch.load(ckpt, map_location="cpu", weights_only=True)["step"] > 0
 
-    _run_until(cmd, training_checkpoint, out)
+    _run_until([*cmd, "--resume"], training_checkpoint, out)
     killed_at = torch.load(ckpt, map_location="cpu", weights_only=True)["step"]
     assert 0 < killed_at < 40 and not out.exists()
 
-    # Second run: resumes training, then is killed once training is over (model.pth is written last by training).
-    err = _run_until([*cmd, "--resume"], lambda: (run_dir / "model.pth").exists(), out)
+    # 3. Resumed from that step, then killed once training is over (model.pth is the last file training writes).
+    err = _run_until([*cmd, "--resume"], lambda: (work / "run" / "model.pth").exists(), out)
     assert "reusing" in err and f"resuming {ckpt} at step {killed_at}/40" in err
     assert not out.exists()
 
-    # Third run: training is finished; only the export is left.
+    # 4. Training is finished; only the export is left.
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     done = subprocess.run([*cmd, "--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr

@@ -25,8 +25,8 @@ def available(device: str = "cpu") -> str | None:
         return str(e)
     try:
         ov = import_openvino()
-    except ImportError:
-        return "OpenVINO is not installed (pip install openvino, or pip install 'selftransfer[openvino]')"
+    except ImportError as e:
+        return _import_failure(e)
     if kind == "cpu":
         return None
     if kind == "cuda":
@@ -50,6 +50,24 @@ def import_openvino():
         sys.modules.setdefault("openvino_telemetry", None)
     import openvino
     return openvino
+
+
+def _import_failure(error: ImportError) -> str:
+    import importlib.util
+
+    try:
+        installed = importlib.util.find_spec("openvino") is not None
+    except (ImportError, ValueError):
+        installed = False
+    if not installed:
+        return "OpenVINO is not installed (pip install openvino, or pip install 'selftransfer[openvino]')"
+    first = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+    if "mismatches with OpenVINO Runtime library version" in str(error):
+        return ("OpenVINO is installed but cannot load in this process: another OpenVINO runtime library was loaded "
+                "first, typically by vs-mlrt's core.ov plugin (vapoursynth-mlrt-ov), which VapourSynth autoloads "
+                "when the core is created. Import openvino before creating the VapourSynth core, or use the ort "
+                f"backend. ({first})")
+    return f"OpenVINO is installed but does not import: {first}"
 
 
 def _ov_device(kind: str, index: int) -> str:

@@ -181,7 +181,7 @@ class Bundle:
             raise BundleError(f"{path}: not a file")
         try:
             zf = zipfile.ZipFile(path)
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        except Exception as e:  # noqa: BLE001 - zipfile parses hostile bytes: BadZipFile, EOFError, struct.error...
             raise BundleError(f"{path}: not a selftransfer bundle (not a readable zip: {e})") from None
         with zf:
             try:
