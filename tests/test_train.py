@@ -125,7 +125,10 @@ def test_checkpoint_and_model_load_weights_only(tiny_pairs, tmp_path):
     assert ckpt["step"] == 3 and ckpt["state"]["done"]
     assert TrainConfig.from_dict(ckpt["train_config"]) == cfg
     model = build_model(ModelConfig.from_dict(ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
+    model.load_state_dict(ckpt["train_model"])  # the weights being trained...
+    model.load_state_dict(ckpt["model"])  # ...and the best validated ones, what `export checkpoint.pt` ships
+    assert ckpt["best"]["step"] == r.best_step
+    assert all(torch.equal(v, ckpt["model"][k]) for k, v in r.model.state_dict().items())
     assert set(ckpt["optimizer"]["state"])  # Adam moments are saved
     assert set(ckpt["rng"]) == {"torch", "cuda", "numpy", "python"} and "rng" in ckpt["sampler"]
     # model.pth holds the shipped weights, readable by the weights reader (and so by `selftransfer export`).

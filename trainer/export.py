@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from trainer.model import CARN, ModelConfig, build_model, load_state, official_to_single_scale
-from vs_selftransfer.bundle import MEMBERS, Bundle, BundleError, check_onnx, write_bundle
+from vs_selftransfer.bundle import MEMBERS, Bundle, check_onnx, write_bundle
 
 ONNX_OPSET = 18
 # Export-time check: every fp32 graph must reproduce the eager model to this max absolute difference.
