@@ -183,8 +183,8 @@ def _check_schema(r: dict) -> None:
     for key in ("path", "bundle_sha256", "arch", "scale", "degradation", "validation", "train_config", "source"):
         assert key in r["model"]
     p = r["protocol"]
-    for key in ("scale", "degradation", "hr_size", "lr_size", "near_seconds", "include_val", "same_video",
-                "sampling", "train_frames", "val_frames", "candidates", "test_frames", "tile", "overlap",
+    for key in ("scale", "degradation", "hr_size", "lr_size", "near_seconds", "include_val", "assume_unseen",
+                "same_video", "sampling", "train_frames", "val_frames", "candidates", "test_frames", "tile", "overlap",
                 "device", "methods"):
         assert key in p, key
     methods = p["methods"]
@@ -288,12 +288,17 @@ def test_prepare_never_tests_training_or_validation_frames(tmp_path, clip_path, 
 def test_prepare_other_video_or_no_frames_means_all_unseen(tmp_path, clip_path, bundle_path):
     from trainer.evaluate import Options, prepare
 
-    for changes, warning in (({"source": {"sha256": "0" * 64}}, "trained on another video"),
-                             ({"frames": None}, "records no training frames")):
-        path = _variant(bundle_path, tmp_path, **changes)
-        setup = prepare(Options(video=str(clip_path), model=str(path), output=str(tmp_path / "r")))
-        assert setup.train == [] and all(t.subset == FAR for t in setup.candidates)
-        assert len(setup.candidates) == 132 and any(warning in w for w in setup.warnings)
+    other = _variant(bundle_path, tmp_path, source={"sha256": "0" * 64})
+    setup = prepare(Options(video=str(clip_path), model=str(other), output=str(tmp_path / "r")))
+    assert setup.train == [] and not setup.same_video and all(t.subset == FAR for t in setup.candidates)
+    assert len(setup.candidates) == 132 and any("trained on another video" in w for w in setup.warnings)
+    # No frame list: training frames would count as unseen, so only an explicit --assume-unseen proceeds.
+    unknown = _variant(bundle_path, tmp_path, frames=None)
+    with pytest.raises(UserError, match="records no training frames.*--assume-unseen"):
+        prepare(Options(video=str(clip_path), model=str(unknown), output=str(tmp_path / "r")))
+    setup = prepare(Options(video=str(clip_path), model=str(unknown), output=str(tmp_path / "r"),
+                            assume_unseen=True))
+    assert len(setup.candidates) == 132 and any("--assume-unseen" in w for w in setup.warnings)
 
 
 def test_prepare_degradation_from_manifest_and_override(tmp_path, clip_path, bundle_path):

@@ -6,7 +6,8 @@ Protocol (also written into every report):
   HR frame (``trainer.degrade.degrade`` with the manifest's ``degradation``, or ``--degradation``/``--crf``).
 * Test frames = frames the bundle never learned from: not a training frame (manifest ``frames.train``) and, unless
   ``--include-val``, not a validation frame either (``frames.val`` chose the checkpoint that was shipped, so it is
-  not an unbiased test). Each test frame belongs to one subset: *near* (within ``--near-seconds``, default 1 s, of a
+  not an unbiased test). A bundle that records no training frames is refused unless ``--assume-unseen``
+  (otherwise its training frames would be scored as unseen). Each test frame belongs to one subset: *near* (within ``--near-seconds``, default 1 s, of a
   training frame) or *far* (further away: transfer from non-adjacent content, the seed's claim).
 * Sampling keeps a long video to minutes on 2 cores: by default up to 24 test frames, taken as pairs of consecutive
   frames (t, t+1) so that temporal flicker can be measured, spread evenly over the video (stratified, ``--seed``
@@ -256,6 +257,7 @@ class Options:
     every: int | None = None
     all_frames: bool = False
     include_val: bool = False
+    assume_unseen: bool = False
     near_seconds: float = NEAR_SECONDS
     generic: str = "official"
     deployed: bool = True
@@ -449,7 +451,14 @@ def prepare(o: Options) -> Setup:
     train: list[int] = []
     val: list[int] = []
     if frames_meta is None:
-        warnings.append("the bundle records no training frames: every frame counts as unseen and far")
+        # Without the list, training frames would be scored as unseen: an inflated result. Only the user can say
+        # that no frame of this video was learned from (a generic bundle, or one fitted on another video).
+        if not o.assume_unseen:
+            raise UserError(f"{o.model}: the bundle records no training frames, so its unseen frames cannot be told "
+                            "apart (bundles made by `selftransfer fit` record them); pass --assume-unseen if it "
+                            "learned nothing from this video")
+        warnings.append("the bundle records no training frames (--assume-unseen): every frame counts as unseen "
+                        "and far")
     elif not same_video:
         warnings.append(f"the bundle was trained on another video (source sha256 {source.get('sha256')}, this "
                         f"video {info.sha256}): every frame counts as unseen and far")
@@ -636,7 +645,7 @@ def build_report(o: Options, setup: Setup, result: dict, elapsed: float) -> dict
         "protocol": {
             "scale": setup.scale, "degradation": setup.degradation, "hr_size": [hr_w, hr_h],
             "lr_size": [hr_w // setup.scale, hr_h // setup.scale], "near_seconds": o.near_seconds,
-            "include_val": o.include_val, "same_video": setup.same_video,
+            "include_val": o.include_val, "assume_unseen": o.assume_unseen, "same_video": setup.same_video,
             "sampling": {"mode": "all" if o.all_frames else "every" if o.every else "frames",
                          "frames": o.frames, "every": o.every, "seed": o.seed},
             "train_frames": setup.train, "val_frames": setup.val,
@@ -778,6 +787,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     which.add_argument("--all", dest="all_frames", action="store_true", help="test every unseen frame")
     parser.add_argument("--include-val", action="store_true",
                         help="also test the validation frames (they chose the shipped checkpoint: biased)")
+    parser.add_argument("--assume-unseen", action="store_true",
+                        help="evaluate a bundle that records no training frames, treating every frame as unseen "
+                             "(only true if it learned nothing from this video)")
     parser.add_argument("--near-seconds", type=float, default=NEAR_SECONDS,
                         help=f"test frames within this many seconds of a training frame are 'near' "
                              f"(default {NEAR_SECONDS})")
@@ -798,7 +810,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     o = Options(video=args.video, model=args.model, output=args.output, scale=args.scale,
                 degradation=args.degradation, crf=args.crf, frames=args.frames, every=args.every,
-                all_frames=args.all_frames, include_val=args.include_val, near_seconds=args.near_seconds,
+                all_frames=args.all_frames, include_val=args.include_val,
+                assume_unseen=args.assume_unseen, near_seconds=args.near_seconds,
                 generic=args.generic, deployed=args.deployed, force=args.force, tile=args.tile, seed=args.seed,
                 threads=args.threads, device=args.device, progress=args.progress)
     report = evaluate(o)

@@ -11,8 +11,9 @@ per-frame values. PSNR in dB, SSIM unitless in [-1, 1], flicker in 8-bit Y level
   ``validation``, ``train_config``, ``source`` (copied as they are, ``null`` when absent)
 - ``generic``: ``spec`` ("official" or the path given), ``label``, ``path``, ``sha256`` of the generic weights
 - ``protocol``: ``scale``, ``degradation`` (used for the LR frames: ``method``, and ``crf`` for x264),
-  ``hr_size`` / ``lr_size`` ([width, height]), ``near_seconds``, ``include_val``, ``same_video`` (the bundle's
-  source sha256 matches the video, or is not recorded), ``sampling`` (``mode`` "frames" | "every" | "all",
+  ``hr_size`` / ``lr_size`` ([width, height]), ``near_seconds``, ``include_val``, ``assume_unseen`` (the bundle
+  records no training frames and the user said none is from this video), ``same_video`` (the bundle's source
+  sha256 matches the video, or is not recorded), ``sampling`` (``mode`` "frames" | "every" | "all",
   ``frames``, ``every``, ``seed``), ``train_frames`` and ``val_frames`` (indices from the manifest),
   ``candidates`` (``all``/``near``/``far``: how many unseen frames could be tested), ``test_frames`` (indices
   evaluated), ``tile`` (LR px, 0 = whole frame), ``overlap`` (LR px), ``device``, ``methods`` (evaluated methods:
