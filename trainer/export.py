@@ -54,13 +54,17 @@ class ExportCheckError(RuntimeError):
 # export
 # --------------------------------------------------------------------------------------------------------------
 def export_bundle(model: CARN, path: str | os.PathLike, *, extra: dict | None = None, torchscript: bool = True,
-                  tensorrt: bool | str = "auto", check: bool = True, trt_shapes: dict | None = None) -> dict:
+                  tensorrt: bool | str = "auto", check: bool = True, trt_shapes: dict | None = None,
+                  int8: dict | None = None) -> dict:
     """Write a complete bundle for ``model`` to ``path`` (atomically) and return its manifest.
 
     ``extra``: more manifest fields (source, frames, degradation, train_config, validation, ...), JSON values.
     ``tensorrt``: "auto" (build a TensorRT engine when CUDA and torch-tensorrt are present), True (required: error
     otherwise) or False. ``check``: run every exported graph against the eager model and refuse to write a bundle
     whose graphs differ by more than CHECK_TOLERANCE (TRT_FP16_TOLERANCE for the fp16 engine).
+    ``int8``: {"calib": [LR frames], "val": [(LR, HR) pairs]} (RGB uint8 HWC) to calibrate a per-video int8 graph
+    (trainer.quantize); it is shipped only when its measured loss is within the budget, and the decision is
+    recorded in the manifest's ``precision.int8`` either way.
     """
     if not isinstance(model, CARN):
         raise TypeError(f"model must be a trainer.model CARN/CARN-M network, not {type(model).__name__}")
@@ -101,6 +105,16 @@ def export_bundle(model: CARN, path: str | os.PathLike, *, extra: dict | None = 
                                                   model, TRT_FP16_TOLERANCE, shapes=trt_check_shapes(shapes))
             trt_info["check_max_abs_diff"] = checks["model.trt.ts"]
 
+    precision = None
+    if int8 is not None:
+        from trainer.quantize import quantize_for_video
+
+        data, report = quantize_for_video(members["model.onnx"], int8["calib"], int8["val"], cfg.scale)
+        if data is not None:
+            check_onnx(data, "calibrated model.int8.onnx")
+            members["model.int8.onnx"] = data
+        precision = {"int8": report}
+
     manifest = {
         "arch": cfg.arch,
         "scale": cfg.scale,
@@ -113,6 +127,8 @@ def export_bundle(model: CARN, path: str | os.PathLike, *, extra: dict | None = 
         manifest["export_checks"] = {"tolerance": CHECK_TOLERANCE, "max_abs_diff": checks}
     if trt_info:
         manifest["tensorrt"] = trt_info
+    if precision:
+        manifest["precision"] = precision
     write_bundle(path, manifest, members)
     # Read it back through the one reader the runtime uses: what we return is what every consumer will see.
     return Bundle.open(path).manifest

@@ -55,7 +55,7 @@ def default_engine() -> str:
 
 
 def quantize_for_video(onnx_fp32: bytes, calib_lr: list[np.ndarray], val_pairs: list[tuple[np.ndarray, np.ndarray]],
-                       scale: int, *, budget_db: float = BUDGET_DB, engine: str | None = None, threads: int = 0,
+                       scale: int, *, budget_db: float | None = None, engine: str | None = None, threads: int = 0,
                        seed: int = 0) -> tuple[bytes | None, dict]:
     """Calibrate an int8 graph on ``calib_lr`` (RGB uint8 HWC LR frames) and measure it on ``val_pairs``
     ((lr, hr) RGB uint8 HWC). Returns (int8 graph bytes or None when rejected, report for the manifest)."""
@@ -69,6 +69,7 @@ def quantize_for_video(onnx_fp32: bytes, calib_lr: list[np.ndarray], val_pairs: 
 
     if not calib_lr or not val_pairs:
         raise ValueError("int8 calibration needs training frames and validation frames")
+    budget_db = BUDGET_DB if budget_db is None else budget_db
     engine = engine or default_engine()
     rng = np.random.default_rng(seed)
     crops = []
