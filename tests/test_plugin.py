@@ -8,7 +8,6 @@ older than its source) and loaded with std.LoadPlugin.
 from __future__ import annotations
 
 import importlib
-import io
 import json
 import subprocess
 import sys
@@ -288,7 +287,7 @@ INVALID_ARGUMENTS = {
     "tilesize": ([64, 48, 2], "tilesize: give one size or [width, height]"),
     "overlap": (-1, "overlap: must be between"),
     "num_streams": (0, "num_streams: must be between"),
-    "precision": ("fp64", "precision: must be one of"),
+    "precision": ("fp64", "precision: must be auto or one of"),
     "threads": (-2, "threads: must be between"),
     "scale": (3, "scale: the bundle"),
 }
@@ -365,7 +364,7 @@ def test_bad_bundles(core, tiny_bundle, tmp_path):
     with zipfile.ZipFile(tiny_bundle) as zin, zipfile.ZipFile(pickled, "w") as zout:
         for info in zin.infolist():
             zout.writestr(info.filename, zin.read(info.filename))
-        zout.writestr("weights.pth", io.BytesIO(b"\x80\x04K\x01.").getvalue())
+        zout.writestr("weights.pth", b"\x80\x04K\x01.")  # a pickle
     assert "unknown member 'weights.pth'" in error(pickled)
 
 

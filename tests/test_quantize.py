@@ -49,3 +49,26 @@ def test_export_records_the_decision_and_runtime_can_use_it(tmp_path, frames, mo
     ref = Backend(b, precision="fp32", threads=1, window=(24, 32))(x)
     assert out.shape == ref.shape == (1, 3, 48, 64)
     assert 0 < np.abs(out - ref).max() < 0.25  # quantized, not garbage
+
+
+def test_runtime_picks_int8_only_where_it_was_accepted(tmp_path, frames, monkeypatch):
+    import torch
+
+    from trainer.export import export_bundle
+    from trainer.model import ModelConfig, build_model
+    from vs_selftransfer.runtime import choose_precision
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(scale=2, channels=8)).eval()
+    for budget, name in ((100.0, "ok.stm"), (-1.0, "no.stm")):
+        monkeypatch.setattr(q, "BUDGET_DB", budget)
+        export_bundle(model, tmp_path / name, torchscript=False,
+                      int8={"calib": [frames[0][0]], "val": frames[2:]})
+    ok, no = Bundle.open(tmp_path / "ok.stm"), Bundle.open(tmp_path / "no.stm")
+    engine = ok.manifest["precision"]["int8"]["engine"]
+    other = "ort" if engine == "ov" else "ov"
+    assert choose_precision(ok, engine, "cpu") == "int8"
+    assert choose_precision(ok, other, "cpu") == "fp32"  # measured on another engine: not trusted
+    assert choose_precision(ok, engine, "cuda") == "fp32"
+    assert choose_precision(no, engine, "cpu") == "fp32"
+    assert not no.has("model.int8.onnx") and no.manifest["precision"]["int8"]["accepted"] is False

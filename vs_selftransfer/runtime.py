@@ -129,6 +129,16 @@ def choose_backend(device: str, bundle: Bundle) -> str:
     return "torch"
 
 
+def choose_precision(bundle: Bundle, backend: str, device_kind: str) -> str:
+    """"auto": the bundle's per-video int8 graph where the trainer measured it within its quality budget on this
+    engine (manifest ``precision.int8``, see trainer/quantize.py), else fp32."""
+    int8 = bundle.manifest.get("precision", {}).get("int8", {})
+    if (device_kind == "cpu" and bundle.has("model.int8.onnx") and isinstance(int8, dict)
+            and int8.get("accepted") is True and int8.get("engine") == backend):
+        return "int8"
+    return "fp32"
+
+
 class _Slot:
     """One stream: a backend session and the window buffer its input is assembled in."""
 
@@ -191,9 +201,9 @@ def create(model, backend=None, device=None, tilesize=None, overlap=None, num_st
     except ValueError:
         raise ValueError(f"device: must be 'cpu', 'cuda', 'cuda:N' (NVIDIA), 'gpu' or 'gpu:N' (Intel, OpenVINO), "
                          f"not {device!r}") from None
-    precision = _text_arg("precision", precision, "fp32")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision: must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    precision = _text_arg("precision", precision, "auto")
+    if precision != "auto" and precision not in PRECISIONS:
+        raise ValueError(f"precision: must be auto or one of {', '.join(PRECISIONS)}, not {precision!r}")
     tile = parse_tilesize(tilesize, width, height)
     overlap = DEFAULT_OVERLAP if overlap is None else _int_arg("overlap", overlap, 0, MAX_OVERLAP)
     if num_streams is not None:
@@ -222,6 +232,8 @@ def create(model, backend=None, device=None, tilesize=None, overlap=None, num_st
 
     if backend == "auto":
         backend = choose_backend(device, bundle)
+    if precision == "auto":
+        precision = choose_precision(bundle, backend, device_kind)
     streams, threads = default_parallelism(device_kind, num_streams, threads, cpu_count())
     return Upscaler(bundle, backend, device, precision, tile, overlap, streams, threads, width, height)
 
