@@ -174,3 +174,15 @@ def test_existing_output_needs_force(small_clip, official_path, tmp_path, capsys
     rc = main(["fit", str(small_clip), "-o", str(out), "--init", str(official_path), "--steps", "1"])
     assert rc == 2 and "--force" in capsys.readouterr().err
     assert out.read_bytes() == b"precious"
+
+
+def test_fit_int8_auto_records_the_measured_decision(small_clip, official_path, tmp_path, capsys):
+    out = tmp_path / "small.stm"
+    rc = main(["fit", str(small_clip), "-o", str(out), "--init", str(official_path), "--steps", "1",
+               "--int8", "auto", *SMALL])
+    assert rc == 0
+    assert "int8: " in capsys.readouterr().out
+    m = Bundle.open(out).manifest
+    q = m["precision"]["int8"]
+    assert q["calibration"]["frames"] >= 1 and q["budget_db"] == 0.05
+    assert q["accepted"] == (q["loss_db"] <= 0.05) == ("model.int8.onnx" in m["members"])

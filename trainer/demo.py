@@ -44,7 +44,7 @@ def run(args) -> int:
     bundle, report, lowres, upscaled = out / "bbb_x2.stm", out / "report", out / "bbb_360p.mp4", out / "bbb_360p_x2.mkv"
     steps = [
         ["fit", str(video), "-o", str(bundle), "--init", args.init, "--minutes", str(args.minutes), *force],
-        ["eval", str(video), "--model", str(bundle), "-o", str(report), "--generic", args.init, *force],
+        ["eval", str(video), "--model", str(bundle), "-o", str(report), "--generic", args.init, "--frames", "8", *force],
     ]
     for step in steps:
         print(f"\n$ selftransfer {' '.join(step)}", flush=True)
