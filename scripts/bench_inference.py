@@ -95,24 +95,28 @@ def child(args) -> None:
                 outs[i] = np.round(np.clip(dst, 0, 1) * 255)
         elapsed = time.perf_counter() - t0
     else:
+        if kind == "selftransfer" and kw.get("backend") == "ov":
+            # vs-mlrt's core.ov ships its own libopenvino; importing ours first keeps both loadable.
+            from vs_selftransfer.backend_ov import import_openvino
+            import_openvino()
         import vapoursynth as vs
         core = vs.core
         core.max_cache_size = 256
         base = core.std.BlankClip(width=w, height=h, format=vs.RGBS, length=n, fpsnum=24, fpsden=1, keep=True)
 
-        def fill(n_, f):
+        def fill(n, f):
             fout = f.copy()
             for p in range(3):
-                np.asarray(fout[p])[:] = lr[n_][p]
+                np.asarray(fout[p])[:] = lr[n][p]
             return fout
 
         src = core.std.ModifyFrame(base, base, fill)
         if kind == "selftransfer":
             out = core.selftransfer.Upscale(src, model=args.model, **kw)
         elif kind == "ort":
-            out = core.ort.Model(src, network_path=args.onnx, builtin=False, **kw)
+            out = core.ort.Model(src, network_path=args.onnx, **kw)
         elif kind == "ov":
-            out = core.ov.Model(src, network_path=args.onnx, builtin=False, **kw)
+            out = core.ov.Model(src, network_path=args.onnx, **kw)
         else:
             raise SystemExit(f"unknown variant kind {kind!r}")
         for i, f in enumerate(out.frames(close=True)):  # warm-up: sessions, engines, caches

@@ -25,7 +25,8 @@ def upscale(clip, model, *, backend: str | None = None, device: str | None = Non
 
     model: path of the .stm bundle. backend: "auto" | "ort" | "ov" | "torch" | "trt". device: "cpu" | "cuda" |
     "cuda:N". tilesize: tile width, or [width, height], in input pixels (0 = whole frame). overlap: context pixels
-    around each tile. num_streams: frames processed at once. precision: "fp32" | "fp16" | "bf16" | "int8".
+    around each tile. num_streams: frames processed at once. precision: "auto" (the bundle's per-video int8 graph
+    where it was accepted for the backend, else fp32) | "fp32" | "fp16" | "bf16" | "int8".
     threads: CPU threads per stream. scale: the factor you expect (an error if the bundle's differs).
     """
     import os

@@ -56,6 +56,8 @@ class Backend:
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # No arena: it keeps the peak of every shape it saw (1.8 GB vs 0.9 GB peak RSS at 640x360).
+        opts.enable_cpu_mem_arena = False
         opts.log_severity_level = 3  # errors only: its warnings are about the environment, not the call
         if kind == "cuda":
             providers = [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]

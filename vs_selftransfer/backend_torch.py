@@ -44,7 +44,9 @@ class Backend:
     name = "torch"
 
     def __init__(self, bundle, *, device: str = "cpu", precision: str = "fp32", threads: int = 0,
-                 window: tuple[int, int] | None = None):
+                 window: tuple[int, int] | None = None, run_code: bool = True):
+        """``run_code=False``: build the network from the safetensors weights even when the bundle has a
+        TorchScript member (which carries code; the runtime opens it only when the user picked this backend)."""
         kind, index, self.window = check_args(self.name, bundle, device, precision, threads, window, devices=DEVICES)
         if precision == "int8":
             raise ValueError("the torch backend runs fp32, fp16 (cuda) or bf16, not int8: int8 runs on ort or ov")
@@ -59,7 +61,7 @@ class Backend:
         self.torch_device = torch.device("cpu") if kind == "cpu" else torch.device("cuda", index)
         if threads:
             torch.set_num_threads(threads)
-        if bundle.has("model.ts"):
+        if bundle.has("model.ts") and run_code:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice

@@ -117,15 +117,13 @@ def _usable(name: str, device: str) -> bool:
 
 def choose_backend(device: str, bundle: Bundle) -> str:
     """"auto": the fastest backend that can run here. CPU: OpenVINO when installed, else ONNX Runtime (both read
-    only data members). Intel GPU: OpenVINO. CUDA: TensorRT when the bundle has an engine and torch-tensorrt
-    imports, else PyTorch."""
+    only data members). Intel GPU: OpenVINO. CUDA: PyTorch built from the safetensors weights (data only: the
+    TorchScript and TensorRT members carry code and are opened only when the user names that backend)."""
     kind, _ = parse_device(device)
     if kind == "cpu":
         return "ov" if _usable("ov", device) else "ort"
     if kind == "gpu":
         return "ov"
-    if bundle.has("model.trt.ts") and _usable("trt", device):
-        return "trt"
     return "torch"
 
 
@@ -142,16 +140,19 @@ def choose_precision(bundle: Bundle, backend: str, device_kind: str) -> str:
 class _Slot:
     """One stream: a backend session and the window buffer its input is assembled in."""
 
-    def __init__(self, backend, window: tuple[int, int]):
+    def __init__(self, backend, window: tuple[int, int], reuse: bool):
         self.backend = backend
         self.window = np.empty((1, 3, *window), np.float32)
+        # Exact temporal reuse (see tiling.tiled_upscale): the last input and output of each window position.
+        self.reuse: dict | None = {} if reuse else None
 
 
 class Upscaler:
     """What one ``Upscale`` call runs: the bundle's network on ``num_streams`` sessions of one backend."""
 
     def __init__(self, bundle: Bundle, backend: str, device: str, precision: str, tile: tuple[int, int],
-                 overlap: int, num_streams: int, threads: int, width: int, height: int):
+                 overlap: int, num_streams: int, threads: int, width: int, height: int, reuse: bool = True,
+                 run_code: bool = True):
         self.bundle_path = bundle.path
         self.scale = bundle.scale
         self.backend = backend
@@ -161,16 +162,19 @@ class Upscaler:
         self.overlap = overlap
         self.num_streams = num_streams
         self.threads = threads
+        self.reuse = reuse
         self.window = window_shape(height, width, tile[0], tile[1], overlap)
         backend_class = load_backend_module(backend, device).Backend
+        # TorchScript carries code: it is opened only when the user asked for the torch backend by name.
+        options = {"run_code": run_code} if backend == "torch" else {}
         self._slots = []
         for _ in range(num_streams):
             try:
                 session = backend_class(bundle, device=device, precision=precision, threads=threads,
-                                        window=self.window)
+                                        window=self.window, **options)
             except ValueError as e:
                 raise ValueError(f"backend {backend!r} ({precision} on {device}): {e}") from None
-            self._slots.append(_Slot(session, self.window))
+            self._slots.append(_Slot(session, self.window, reuse))
 
     def process(self, slot: int, n: int, src_planes, dst_planes) -> None:
         """Upscale frame ``n`` (its 3 RGB planes, HxW float32) into ``dst_planes`` (sH x sW) using stream ``slot``.
@@ -179,7 +183,7 @@ class Upscaler:
         derived from them may be kept."""
         state = self._slots[slot]
         tiled_upscale(state.backend, [np.asarray(p) for p in src_planes], [np.asarray(p) for p in dst_planes],
-                      self.scale, self.tile, self.overlap, buffer=state.window)
+                      self.scale, self.tile, self.overlap, buffer=state.window, reuse=state.reuse)
 
     def __repr__(self) -> str:
         return (f"Upscaler({self.bundle_path!r}, x{self.scale}, backend={self.backend!r}, device={self.device!r}, "
@@ -188,7 +192,7 @@ class Upscaler:
 
 
 def create(model, backend=None, device=None, tilesize=None, overlap=None, num_streams=None, precision=None,
-           threads=None, scale=None, *, width: int, height: int) -> Upscaler:
+           threads=None, scale=None, reuse=None, *, width: int, height: int) -> Upscaler:
     """Validate every argument of ``Upscale`` (each error names its argument) and open the sessions."""
     width = _int_arg("width", width, 1, 1 << 20)
     height = _int_arg("height", height, 1, 1 << 20)
@@ -212,6 +216,7 @@ def create(model, backend=None, device=None, tilesize=None, overlap=None, num_st
         threads = _int_arg("threads", threads, 0, MAX_THREADS)
     if scale is not None:
         scale = _int_arg("scale", scale, 1, 16)
+    reuse = True if reuse is None else bool(_int_arg("reuse", reuse, 0, 1))
 
     if not isinstance(model, (str, os.PathLike)):
         raise ValueError(f"model: must be the path of a .stm bundle, not {model!r}")
@@ -230,12 +235,14 @@ def create(model, backend=None, device=None, tilesize=None, overlap=None, num_st
         raise ValueError(f"scale: the bundle {path} upscales by {bundle.scale}, not {scale}; use a x{scale} bundle "
                          f"or leave scale unset")
 
+    run_code = backend in ("torch", "trt")  # named by the user: they trust this bundle's code members
     if backend == "auto":
         backend = choose_backend(device, bundle)
     if precision == "auto":
         precision = choose_precision(bundle, backend, device_kind)
     streams, threads = default_parallelism(device_kind, num_streams, threads, cpu_count())
-    return Upscaler(bundle, backend, device, precision, tile, overlap, streams, threads, width, height)
+    return Upscaler(bundle, backend, device, precision, tile, overlap, streams, threads, width, height, reuse=reuse,
+                    run_code=run_code)
 
 
 def versions() -> dict[str, str]:

@@ -2,7 +2,7 @@
  * selftransfer: VapourSynth (API 4) plugin that upscales a clip with a per-video CARN-M bundle (.stm).
  *
  *   core.selftransfer.Upscale(clip, model[, backend, device, tilesize, overlap, num_streams, precision, threads,
- *                             scale])
+ *                             scale, reuse])
  *   core.selftransfer.Version()
  *
  * The network runs in Python (vs_selftransfer.runtime: ONNX Runtime, OpenVINO, PyTorch or TensorRT). This file is
@@ -398,7 +398,7 @@ static const struct {
 } RUNTIME_ARGS[] = {
     {"backend", ARG_DATA},  {"device", ARG_DATA},      {"tilesize", ARG_INT_ARRAY},
     {"overlap", ARG_INT},   {"num_streams", ARG_INT},  {"precision", ARG_DATA},
-    {"threads", ARG_INT},   {"scale", ARG_INT},
+    {"threads", ARG_INT},   {"scale", ARG_INT},        {"reuse", ARG_INT},
 };
 #define NUM_RUNTIME_ARGS ((int)(sizeof RUNTIME_ARGS / sizeof RUNTIME_ARGS[0]))
 
