@@ -103,7 +103,7 @@ setup(
     ext_modules=[plugin_extension()],
     cmdclass={"build_ext": BuildPlugin},
     install_requires=[
-        "vapoursynth>=72,<90",
+        "vapoursynth>=74,<90",
         "torch>=2.4,<3",
         "numpy>=1.26,<3",
         "av>=13,<20",
