@@ -96,7 +96,7 @@ class FrameTable:
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    # Same as trainer.weights.sha256_file, repeated here so reading videos does not import torch.
+    # The one file hash (weights, videos, bundles): lives here so that reading videos does not import torch.
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while b := f.read(chunk):

@@ -2,7 +2,6 @@
 a user path, or nothing (random init). Only ``torch.load(weights_only=True)``: a checkpoint never runs code."""
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 import urllib.request
@@ -11,6 +10,7 @@ from pathlib import Path
 import torch
 
 from trainer.model import ModelConfig, build_model, load_state, official_to_single_scale
+from trainer.video import sha256_file
 
 # nmhkahn/CARN-pytorch, MIT licence: multi-scale CARN-M (x2/x3/x4 heads, group 4).
 OFFICIAL = {
@@ -26,14 +26,6 @@ def cache_dir() -> Path:
     base = os.environ.get("SELFTRANSFER_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "selftransfer")
     return Path(base)
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
 
 
 def official_checkpoint(arch: str = "carn_m") -> Path:
