@@ -27,7 +27,8 @@ class UserError(Exception):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="selftransfer", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="selftransfer", description="Per-video super-resolution for VapourSynth: "
+                                     "fine-tune CARN-M on a video's own keyframes, run it with core.selftransfer.Upscale.")
     parser.add_argument("--version", action="version", version=f"selftransfer {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     argv = sys.argv[1:] if argv is None else argv
