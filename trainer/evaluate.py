@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from trainer.cli import UserError
+from vs_selftransfer.bundle import fsync_dir
 from trainer.metrics import flicker, psnr_rgb, psnr_y, quantize, rgb_to_y, shave, ssim_y
 
 DEFAULT_FRAMES = 24
@@ -675,11 +676,7 @@ def _install(tmp_dir: Path, out: Path, force: bool) -> None:
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.rename(out, old)
     os.rename(tmp_dir, out)
-    dfd = os.open(out.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_dir(out.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from trainer.cli import UserError
+from vs_selftransfer.bundle import fsync_dir
 from trainer.degrade import CRF_RANGE, DEGRADATIONS, crop_to_scale, degrade
 
 FORMAT = "selftransfer-pairs"
@@ -88,11 +89,7 @@ def write_pairs(h5_path: str | os.PathLike, selection, scale: int, degradation: 
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    dfd = os.open(path.parent if str(path.parent) else ".", os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_dir(path.parent)
     return path
 
 

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from trainer.cli import UserError
+from vs_selftransfer.bundle import fsync_dir
 from vs_selftransfer import runtime
 from vs_selftransfer.backend_base import parse_device
 
@@ -813,11 +814,7 @@ class _PartialFile:
         os.fsync(self.fd)  # same inode ffmpeg wrote (it opens the path with O_TRUNC, it does not replace it)
         os.replace(self.path, self.out)
         self.committed = True
-        dfd = os.open(self.out.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_dir(self.out.parent)
 
     def close(self) -> None:
         if not self.committed:

@@ -321,7 +321,12 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    dfd = os.open(path.parent or ".", os.O_RDONLY)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: str | os.PathLike) -> None:
+    """Make a rename in ``directory`` durable: without it a crash can forget the new name."""
+    dfd = os.open(os.fspath(directory) or ".", os.O_RDONLY)
     try:
         os.fsync(dfd)
     finally:
