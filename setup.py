@@ -98,8 +98,10 @@ setup(
     description="Per-video super-resolution for VapourSynth: fine-tune CARN-M on a video's own keyframes",
     license="MIT",
     python_requires=">=3.12",
-    packages=["trainer", "vs_selftransfer"],
-    package_data={"vs_selftransfer": ["plugin/*.c"]},
+    # The trainer's source folder is trainer/; it installs as selftransfer_trainer (PyPI has an unrelated `trainer`).
+    package_dir={"selftransfer_trainer": "trainer"},
+    packages=["selftransfer_trainer", "selftransfer_trainer.evaluation", "vs_selftransfer", "vs_selftransfer.pipeline"],
+    package_data={"vs_selftransfer": ["plugin/*.c", "official/*"]},
     ext_modules=[plugin_extension()],
     cmdclass={"build_ext": BuildPlugin},
     install_requires=[
@@ -124,5 +126,5 @@ setup(
         "test": ["pytest>=8", "hypothesis>=6.100", "openvino>=2024.4"],
         "bench": ["vapoursynth-mlrt-ort>=15", "vapoursynth-mlrt-ov>=15", "openvino>=2024.4"],
     },
-    entry_points={"console_scripts": ["selftransfer=trainer.cli:main"]},
+    entry_points={"console_scripts": ["selftransfer=selftransfer_trainer.cli:main"]},
 )

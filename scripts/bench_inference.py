@@ -58,8 +58,8 @@ def load_frames(clip: str, n: int, width: int, height: int, cache: Path) -> tupl
     if cache.exists():
         d = np.load(cache)
         return d["lr"], d["hr"]
-    from trainer.degrade import degrade
-    from trainer.video import read_frames
+    from selftransfer_trainer.degrade import degrade
+    from selftransfer_trainer.video import read_frames
 
     lr, hr = [], []
     for i, _, rgb in read_frames(clip, list(range(n))):
@@ -134,7 +134,7 @@ def child(args) -> None:
 
 
 def y_psnr(a: np.ndarray, b: np.ndarray, scale: int) -> float:
-    from trainer.metrics import psnr_y
+    from selftransfer_trainer.metrics import psnr_y
     return float(np.mean([psnr_y(x / 255.0, y / 255.0, scale) for x, y in zip(a, b)]))
 
 
@@ -163,9 +163,9 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="st-bench-"))
     if not args.model:
-        from trainer.export import export_bundle
-        from trainer.model import ModelConfig
-        from trainer.weights import initial_model
+        from selftransfer_trainer.export import export_bundle
+        from vs_selftransfer.model import ModelConfig
+        from selftransfer_trainer.weights import initial_model
         args.model = str(work / "generic_x2.stm")
         export_bundle(initial_model(ModelConfig(scale=2), args.init), args.model, torchscript=True, tensorrt=False)
     from vs_selftransfer.bundle import Bundle

@@ -52,7 +52,7 @@ DEFAULT_THREADS = torch.get_num_threads()  # PyTorch's own default, read before 
 
 
 def machine() -> dict:
-    from trainer.train import cpu_has_native_bf16, resolve_threads
+    from selftransfer_trainer.train import cpu_has_native_bf16, resolve_threads
 
     info = {"cpu": platform.processor() or platform.machine(), "cores_usable": resolve_threads(0),
             "torch_default_threads": DEFAULT_THREADS, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -78,7 +78,7 @@ def make_batches(args, device):
     """A fixed list of batches (real patches when a video or pairs file is given), so every variant sees the same."""
     g = torch.Generator().manual_seed(0)
     if args.pairs:
-        from trainer.pairs import Pairs, PatchSampler
+        from selftransfer_trainer.pairs import Pairs, PatchSampler
 
         with Pairs(args.pairs) as pairs:
             sampler = PatchSampler(pairs, patch=args.patch, batch=args.batch, seed=0)
@@ -99,15 +99,15 @@ def make_batches(args, device):
 
 class Variant:
     def __init__(self, name: str, args, device, scale: int):
-        from trainer.model import ModelConfig, build_model
-        from trainer.train import resolve_precision, resolve_threads
+        from vs_selftransfer.model import ModelConfig, build_model
+        from selftransfer_trainer.train import resolve_precision, resolve_threads
 
         self.name = name
         self.device = device
         torch.manual_seed(0)
         model = build_model(ModelConfig(scale=scale))
         if args.init:
-            from trainer.weights import initial_model
+            from selftransfer_trainer.weights import initial_model
 
             model = initial_model(ModelConfig(scale=scale), args.init)
         channels_last = name not in ("baseline", "nchw_all")
@@ -216,8 +216,8 @@ def print_throughput(res: dict) -> None:
 # -- time to gain ---------------------------------------------------------------------------------------------------
 
 def make_pairs(video: str, folder: Path, scale: int) -> Path:
-    from trainer.keyframes import select_frames, summary
-    from trainer.pairs import write_pairs
+    from selftransfer_trainer.keyframes import select_frames, summary
+    from selftransfer_trainer.pairs import write_pairs
 
     selection = select_frames(video, target=24, val=4, seed=0)
     print(summary(selection), file=sys.stderr)
@@ -227,7 +227,7 @@ def make_pairs(video: str, folder: Path, scale: int) -> Path:
 
 
 def to_gain(args) -> dict:
-    from trainer.train import TrainConfig, train
+    from selftransfer_trainer.train import TrainConfig, train
 
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         pairs = Path(args.pairs) if args.pairs else make_pairs(args.to_gain, Path(tmp), args.scale)

@@ -69,9 +69,9 @@ def positive(text: str) -> int:
 
 
 def make_bundle(init: str, directory: str) -> str:
-    from trainer.export import export_bundle
-    from trainer.model import ModelConfig
-    from trainer.weights import initial_model
+    from selftransfer_trainer.export import export_bundle
+    from vs_selftransfer.model import ModelConfig
+    from selftransfer_trainer.weights import initial_model
 
     path = os.path.join(directory, "soak_x2.stm")
     export_bundle(initial_model(ModelConfig(scale=2), init), path, torchscript=False, tensorrt=False, check=False)

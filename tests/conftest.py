@@ -39,9 +39,9 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def generic_bundle(tmp_path_factory, official_path) -> Path:
     """The official CARN-M x2 weights exported as a bundle (what `fit` ships when nothing beats generic)."""
-    from trainer.export import export_bundle
-    from trainer.model import ModelConfig
-    from trainer.weights import initial_model
+    from selftransfer_trainer.export import export_bundle
+    from vs_selftransfer.model import ModelConfig
+    from selftransfer_trainer.weights import initial_model
 
     path = tmp_path_factory.mktemp("bundles") / "generic_x2.stm"
     export_bundle(initial_model(ModelConfig(scale=2), str(official_path)), path)
@@ -53,8 +53,8 @@ def tiny_bundle(tmp_path_factory) -> Path:
     """A small random CARN-M x2 (8 channels): fast, for tests about plumbing rather than quality."""
     import torch
 
-    from trainer.export import export_bundle
-    from trainer.model import ModelConfig, build_model
+    from selftransfer_trainer.export import export_bundle
+    from vs_selftransfer.model import ModelConfig, build_model
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("bundles") / "tiny_x2.stm"

@@ -12,9 +12,11 @@ import pytest
 
 import badinputs
 from conftest import ROOT
-from trainer.cli import main
-from trainer.metrics import psnr
-from trainer.video import check_output_path, probe, read_frames
+from selftransfer_trainer.cli import main
+from selftransfer_trainer.metrics import psnr
+from vs_selftransfer.files import check_output_path
+from vs_selftransfer.probe import probe
+from selftransfer_trainer.video import read_frames
 
 # input name -> words the one-line error must contain
 REFUSED = {
@@ -56,7 +58,7 @@ def test_bad_input_is_refused_clearly(inputs, tmp_path, capsys, name):
 
 def test_bad_input_through_the_real_command(inputs, tmp_path):
     out = tmp_path / "frames.json"
-    proc = subprocess.run([sys.executable, "-m", "trainer.cli", "frames", str(inputs["truncated"]), "-o", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "selftransfer_trainer.cli", "frames", str(inputs["truncated"]), "-o", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "selftransfer frames: error:" in proc.stderr

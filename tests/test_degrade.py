@@ -4,9 +4,9 @@ import math
 import numpy as np
 import pytest
 
-from trainer.degrade import DEGRADATIONS, contributions, crop_to_scale, degrade, imresize
-from trainer.metrics import psnr
-from trainer.video import read_frames
+from selftransfer_trainer.degrade import DEGRADATIONS, contributions, crop_to_scale, degrade, imresize
+from selftransfer_trainer.metrics import psnr
+from selftransfer_trainer.video import read_frames
 
 # MATLAB: imresize's weights for a x2 bicubic shrink (Keys a=-0.5 kernel stretched x2, normalised), the same for
 # every output pixel: 0.5*cubic(0.5*d) at distances d = +-0.5, +-1.5, +-2.5, +-3.5.

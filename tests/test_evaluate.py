@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from trainer.cli import UserError
-from trainer.evaluate import FAR, NEAR, frame_indices, sample_frames, split_frames, summarize, verdict
+from vs_selftransfer.errors import UserError
+from selftransfer_trainer.evaluation.evaluate import (FAR, NEAR, frame_indices, sample_frames, split_frames, summarize, verdict)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -145,9 +145,10 @@ VAL = [75, 120]
 def bundle_path(tmp_path_factory, clip_path, official_path):
     import torch
 
-    from trainer.export import export_bundle
-    from trainer.model import ModelConfig
-    from trainer.weights import initial_model, sha256_file
+    from selftransfer_trainer.export import export_bundle
+    from vs_selftransfer.model import ModelConfig
+    from selftransfer_trainer.weights import initial_model
+    from vs_selftransfer.files import sha256_file
 
     torch.set_num_threads(2)
     # x4 keeps the test cheap (a 320x180 LR frame); the pipeline does not depend on the scale.
@@ -161,7 +162,7 @@ def bundle_path(tmp_path_factory, clip_path, official_path):
 
 @pytest.fixture(scope="module")
 def report_dir(tmp_path_factory, clip_path, official_path, bundle_path):
-    from trainer.cli import main
+    from selftransfer_trainer.cli import main
 
     out = tmp_path_factory.mktemp("eval") / "report"
     rc = main(["eval", str(clip_path), "--model", str(bundle_path), "-o", str(out), "--frames", "4",
@@ -266,7 +267,7 @@ def _variant(bundle_path, tmp_path, **changes):
 
 
 def test_prepare_never_tests_training_or_validation_frames(tmp_path, clip_path, bundle_path):
-    from trainer.evaluate import Options, prepare
+    from selftransfer_trainer.evaluation.evaluate import Options, prepare
 
     # Frames recorded as FrameSelection.to_json() writes them: objects with an index.
     train = [{"index": i, "time": i / 25, "kind": "even"} for i in range(3, 132, 6)]
@@ -286,7 +287,7 @@ def test_prepare_never_tests_training_or_validation_frames(tmp_path, clip_path, 
 
 
 def test_prepare_other_video_or_no_frames_means_all_unseen(tmp_path, clip_path, bundle_path):
-    from trainer.evaluate import Options, prepare
+    from selftransfer_trainer.evaluation.evaluate import Options, prepare
 
     other = _variant(bundle_path, tmp_path, source={"sha256": "0" * 64})
     setup = prepare(Options(video=str(clip_path), model=str(other), output=str(tmp_path / "r")))
@@ -302,7 +303,7 @@ def test_prepare_other_video_or_no_frames_means_all_unseen(tmp_path, clip_path, 
 
 
 def test_prepare_degradation_from_manifest_and_override(tmp_path, clip_path, bundle_path):
-    from trainer.evaluate import Options, prepare
+    from selftransfer_trainer.evaluation.evaluate import Options, prepare
 
     path = _variant(bundle_path, tmp_path, degradation={"method": "x264", "crf": 30})
     setup = prepare(Options(video=str(clip_path), model=str(path), output=str(tmp_path / "r")))
@@ -320,7 +321,7 @@ def test_prepare_degradation_from_manifest_and_override(tmp_path, clip_path, bun
 
 
 def test_existing_output_needs_force(report_dir, clip_path, bundle_path, official_path, capsys):
-    from trainer.cli import main
+    from selftransfer_trainer.cli import main
 
     args = ["eval", str(clip_path), "--model", str(bundle_path), "-o", str(report_dir), "--frames", "1",
             "--generic", str(official_path), "--no-deployed", "--no-progress"]
@@ -339,7 +340,7 @@ def test_existing_output_needs_force(report_dir, clip_path, bundle_path, officia
     (["--generic", "/nonexistent.pth"], "--generic /nonexistent.pth: no such file"),
 ])
 def test_bad_arguments_are_named(tmp_path, clip_path, bundle_path, extra, message, capsys):
-    from trainer.cli import main
+    from selftransfer_trainer.cli import main
 
     out = tmp_path / "r"
     assert main(["eval", str(clip_path), "--model", str(bundle_path), "-o", str(out), "--no-progress",
@@ -349,7 +350,7 @@ def test_bad_arguments_are_named(tmp_path, clip_path, bundle_path, extra, messag
 
 
 def test_missing_model_and_video(tmp_path, clip_path, bundle_path, capsys):
-    from trainer.cli import main
+    from selftransfer_trainer.cli import main
 
     assert main(["eval", str(clip_path), "--model", str(tmp_path / "none.stm"), "-o", str(tmp_path / "r")]) == 2
     assert "not found" in capsys.readouterr().err
@@ -359,7 +360,7 @@ def test_missing_model_and_video(tmp_path, clip_path, bundle_path, capsys):
 
 
 def test_force_refuses_a_directory_that_is_not_a_report(tmp_path, clip_path, bundle_path, capsys):
-    from trainer.cli import main
+    from selftransfer_trainer.cli import main
 
     precious = tmp_path / "precious"
     precious.mkdir()

@@ -12,11 +12,11 @@ import onnx.numpy_helper
 import pytest
 import torch
 
-import trainer.export as export
-from trainer.cli import main
-from trainer.export import ExportCheckError, check_input, export_bundle
-from trainer.model import ModelConfig, build_model
-from trainer.weights import initial_model
+import selftransfer_trainer.export as export
+from selftransfer_trainer.cli import main
+from selftransfer_trainer.export import ExportCheckError, check_input, export_bundle
+from vs_selftransfer.model import ModelConfig, build_model
+from selftransfer_trainer.weights import initial_model
 from vs_selftransfer.bundle import INPUT, Bundle
 
 

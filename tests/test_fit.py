@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from trainer.cli import main
+from selftransfer_trainer.cli import main
 from vs_selftransfer.bundle import Bundle
 
 # Small everything: 4 training frames, 1 held-out frame, 24-px patches, batches of 4, one thread (two OpenMP threads
@@ -32,7 +32,7 @@ def small_clip(tmp_path_factory, clip_path):
 
 
 def test_fit_end_to_end_on_the_shared_clip(clip_path, official_path, tmp_path, capsys):
-    from trainer.weights import sha256_file
+    from vs_selftransfer.files import sha256_file
 
     out = tmp_path / "bbb.stm"
     rc = main(["fit", str(clip_path), "-o", str(out), "--init", str(official_path), "--steps", "4",
@@ -63,7 +63,7 @@ def test_fit_end_to_end_on_the_shared_clip(clip_path, official_path, tmp_path, c
 
 
 def _fit_cmd(clip, out, official, steps):
-    return [sys.executable, "-m", "trainer.cli", "fit", str(clip), "-o", str(out), "--init", str(official),
+    return [sys.executable, "-m", "selftransfer_trainer.cli", "fit", str(clip), "-o", str(out), "--init", str(official),
             "--steps", str(steps), *SMALL]
 
 

@@ -5,10 +5,12 @@ import numpy as np
 import pytest
 
 import badinputs
-from trainer import keyframes, video
-from trainer.cli import main
-from trainer.keyframes import NEAR_DUPLICATE_MAD, load_selection, select_frames
-from trainer.video import frame_table, probe, read_frames
+from selftransfer_trainer import keyframes
+from selftransfer_trainer import video
+from selftransfer_trainer.cli import main
+from selftransfer_trainer.keyframes import NEAR_DUPLICATE_MAD, load_selection, select_frames
+from vs_selftransfer.probe import frame_table, probe
+from selftransfer_trainer.video import read_frames
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from trainer.metrics import (flicker, gaussian_window_1d, psnr, psnr_rgb, psnr_y, quantize, rgb_to_y, shave, ssim,
-                             ssim_y)
+from selftransfer_trainer.metrics import (flicker, gaussian_window_1d, psnr, psnr_rgb, psnr_y, quantize, rgb_to_y, shave, ssim, ssim_y)
 
 
 def _random_rgb(rng, h, w):

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.model import ARCHS, RECEPTIVE_RADIUS, ModelConfig, build_model, load_state, official_to_single_scale
-from trainer.weights import initial_model, read_state_dict
+from vs_selftransfer.model import (ARCHS, RECEPTIVE_RADIUS, ModelConfig, build_model, load_state, official_to_single_scale)
+from selftransfer_trainer.weights import initial_model, read_state_dict
 
 
 @pytest.mark.parametrize("arch,group", [("carn_m", 4), ("carn", 1)])

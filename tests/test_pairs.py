@@ -6,11 +6,13 @@ import pytest
 import torch
 
 import badinputs
-from trainer.cli import UserError, main
-from trainer.degrade import crop_to_scale, degrade
-from trainer.keyframes import Frame, FrameSelection, select_frames
-from trainer.pairs import Pairs, PatchSampler, write_pairs
-from trainer.video import VideoInfo, sha256_file
+from vs_selftransfer.errors import UserError
+from selftransfer_trainer.cli import main
+from selftransfer_trainer.degrade import crop_to_scale, degrade
+from selftransfer_trainer.keyframes import Frame, FrameSelection, select_frames
+from selftransfer_trainer.pairs import Pairs, PatchSampler, write_pairs
+from vs_selftransfer.probe import VideoInfo
+from vs_selftransfer.files import sha256_file
 
 
 @pytest.fixture(scope="module")

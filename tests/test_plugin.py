@@ -465,7 +465,7 @@ def test_runtime_defaults():
 
 
 def test_default_overlap_covers_the_receptive_field():
-    from trainer.model import RECEPTIVE_RADIUS
+    from vs_selftransfer.model import RECEPTIVE_RADIUS
 
     assert runtime.DEFAULT_OVERLAP >= RECEPTIVE_RADIUS
 

@@ -2,14 +2,14 @@
 import numpy as np
 import pytest
 
-from trainer import quantize as q
-from trainer.degrade import degrade
+from selftransfer_trainer import quantize as q
+from selftransfer_trainer.degrade import degrade
 from vs_selftransfer.bundle import Bundle
 
 
 @pytest.fixture(scope="module")
 def frames(clip_path):
-    from trainer.video import read_frames
+    from selftransfer_trainer.video import read_frames
 
     hr = [rgb[200:296, 400:528].copy() for _, _, rgb in read_frames(clip_path, [0, 40, 80])]
     return [(degrade(h, 2), h) for h in hr]
@@ -31,8 +31,8 @@ def test_rejects_outside_budget_and_accepts_inside(tiny_bundle, frames):
 def test_export_records_the_decision_and_runtime_can_use_it(tmp_path, frames, monkeypatch):
     import torch
 
-    from trainer.export import export_bundle
-    from trainer.model import ModelConfig, build_model
+    from selftransfer_trainer.export import export_bundle
+    from vs_selftransfer.model import ModelConfig, build_model
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(scale=2, channels=8)).eval()
@@ -54,8 +54,8 @@ def test_export_records_the_decision_and_runtime_can_use_it(tmp_path, frames, mo
 def test_runtime_picks_int8_only_where_it_was_accepted(tmp_path, frames, monkeypatch):
     import torch
 
-    from trainer.export import export_bundle
-    from trainer.model import ModelConfig, build_model
+    from selftransfer_trainer.export import export_bundle
+    from vs_selftransfer.model import ModelConfig, build_model
     from vs_selftransfer.runtime import choose_precision
 
     torch.manual_seed(0)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.model import RECEPTIVE_RADIUS, ModelConfig, build_model
+from vs_selftransfer.model import RECEPTIVE_RADIUS, ModelConfig, build_model
 from vs_selftransfer.tiling import tile_windows, tiled_upscale, upscale_image, window_shape
 
 

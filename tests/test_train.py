@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.cli import UserError
-from trainer.train import (CHECKPOINT, MODEL, RESULT, TrainConfig, load_checkpoint, lr_at, progress_at, replan,
-                           train)
+from vs_selftransfer.errors import UserError
+from selftransfer_trainer.train import (CHECKPOINT, MODEL, RESULT, TrainConfig, load_checkpoint, lr_at, progress_at, replan, train)
 
 # Small and fast: random-init CARN-M on 32x48 LR frames, patches of 16, validation in PyTorch (no ONNX export).
 # One thread: on a busy 2-core machine two OpenMP threads wait on each other and tiny steps get ~5x slower.
@@ -32,9 +31,9 @@ def smooth_image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def tiny_pairs(tmp_path_factory):
-    from trainer.keyframes import Frame, FrameSelection
-    from trainer.pairs import write_pairs
-    from trainer.video import VideoInfo
+    from selftransfer_trainer.keyframes import Frame, FrameSelection
+    from selftransfer_trainer.pairs import write_pairs
+    from vs_selftransfer.probe import VideoInfo
 
     rng = np.random.default_rng(0)
     info = VideoInfo(path="synthetic.mp4", width=96, height=64, fps=25.0, frames=10, duration=0.4, pix_fmt="yuv420p",
@@ -51,8 +50,8 @@ def tiny_pairs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def clip_pairs(tmp_path_factory, clip_path):
     """Pairs from the shared clip: 4 training frames, 1 held-out frame (validation of a 640x360 frame is the cost)."""
-    from trainer.keyframes import select_frames
-    from trainer.pairs import write_pairs
+    from selftransfer_trainer.keyframes import select_frames
+    from selftransfer_trainer.pairs import write_pairs
 
     path = tmp_path_factory.mktemp("pairs") / "bbb.h5"
     write_pairs(path, select_frames(clip_path, target=4, val=1, seed=0), 2)
@@ -116,8 +115,8 @@ def test_few_steps_from_random_init_beat_it(tiny_pairs, tmp_path):
 
 
 def test_checkpoint_and_model_load_weights_only(tiny_pairs, tmp_path):
-    from trainer.model import ModelConfig, build_model
-    from trainer.weights import read_state_dict
+    from vs_selftransfer.model import ModelConfig, build_model
+    from selftransfer_trainer.weights import read_state_dict
 
     cfg = TrainConfig(steps=3, val_every=3, **TINY)
     r = train(tiny_pairs, tmp_path, cfg, init="none", verbose=False)
@@ -170,7 +169,7 @@ def test_resume_refuses_other_settings(tiny_pairs, tmp_path):
 
 @pytest.mark.parametrize("budget", [dict(steps=0), dict(steps=4, lr=0.0)])
 def test_ships_generic_when_nothing_beats_it(tiny_pairs, tmp_path, budget):
-    from trainer.weights import read_state_dict
+    from selftransfer_trainer.weights import read_state_dict
 
     cfg = TrainConfig(**dict(TINY, val_every=2, **budget))
     torch.manual_seed(cfg.seed)
@@ -183,8 +182,8 @@ def test_ships_generic_when_nothing_beats_it(tiny_pairs, tmp_path, budget):
     else:  # lr 0: the weights never move, so every validation ties the generic score, which is not a win
         assert [h["psnr_y"] for h in r.history] == [r.generic_psnr_y] * 2
     # What ships is the initial (here: seeded random) network.
-    from trainer.model import ModelConfig
-    from trainer.weights import initial_model
+    from vs_selftransfer.model import ModelConfig
+    from selftransfer_trainer.weights import initial_model
 
     torch.manual_seed(cfg.seed)
     initial = initial_model(ModelConfig(scale=2), "none").state_dict()
@@ -214,8 +213,8 @@ def test_missing_or_foreign_files_are_user_errors(tiny_pairs, tmp_path):
 
 
 def test_onnx_validation_runner_matches_pytorch():
-    from trainer.model import ModelConfig, build_model
-    from trainer.train import OnnxRunner, upscaler
+    from vs_selftransfer.model import ModelConfig, build_model
+    from selftransfer_trainer.train import OnnxRunner, upscaler
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(scale=2, channels=8)).eval()

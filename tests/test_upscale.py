@@ -25,8 +25,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from trainer import upscale as up
-from trainer.cli import main
+from vs_selftransfer.pipeline import upscale as up
+from selftransfer_trainer.cli import main
 
 pytestmark = pytest.mark.skipif(not (shutil.which("ffmpeg") and shutil.which("ffprobe")),
                                 reason="ffmpeg and ffprobe are needed (apt install ffmpeg)")
@@ -326,7 +326,7 @@ def test_video_start_offset_keeps_sync(plumbing, media, tiny_bundle, tmp_path, c
 
 
 def test_rotated_video_comes_out_upright(plumbing, media, tiny_bundle, tmp_path, capsys):
-    from trainer.video import probe
+    from vs_selftransfer.probe import probe
 
     if probe(media.rotated).rotation not in (90, 270):
         pytest.skip("this ffmpeg could not write a rotated test video")
@@ -465,11 +465,11 @@ def test_unwritable_output_folder(media, tiny_bundle, tmp_path, capsys):
 SLOW_UPSCALE = textwrap.dedent("""\
     import sys
     sys.path.insert(0, {tests!r})
-    from trainer import upscale as up
+    from vs_selftransfer.pipeline import upscale as up
     from test_upscale import resize_script
     up.build_script = lambda *a, **k: resize_script(*a, **k, sleep=0.5)
     up.preflight = lambda *a, **k: None
-    from trainer.cli import main
+    from selftransfer_trainer.cli import main
     sys.exit(main(sys.argv[1:]))
     """)
 

@@ -1,2 +1,2 @@
 """selftransfer trainer: video -> keyframes -> HR/LR pairs -> fine-tuned CARN-M -> model bundle (.stm)."""
-__version__ = "0.1.0"
+from vs_selftransfer import __version__  # noqa: F401  (one version number, kept by the runtime package)

@@ -7,23 +7,21 @@ import argparse
 import importlib
 import sys
 
+from vs_selftransfer.errors import UserError
+
 # Listed in the order the data flows.
 COMMANDS = {
-    "frames": ("trainer.keyframes", "pick keyframes (I-frames, scene cuts, even fill) and held-out frames"),
-    "pairs": ("trainer.pairs", "make HR/LR training pairs in an HDF5 file"),
-    "train": ("trainer.train", "fine-tune CARN-M on a pairs file"),
-    "export": ("trainer.export", "export a checkpoint as a model bundle (.stm)"),
-    "fit": ("trainer.fit", "all of the above: VIDEO -> MODEL.stm"),
-    "eval": ("trainer.evaluate", "prove it: bicubic vs generic vs self-transfer on unseen frames"),
-    "script": ("trainer.upscale", "print a ready .vpy that upscales a video with a bundle"),
-    "upscale": ("trainer.upscale", "upscale a video with a bundle: vspipe | ffmpeg, keeping audio/subtitles"),
-    "info": ("trainer.export", "show a bundle's manifest after validating it"),
-    "demo": ("trainer.demo", "fit, evaluate and upscale the bundled sample clip (Big Buck Bunny)"),
+    "frames": ("selftransfer_trainer.keyframes", "pick keyframes (I-frames, scene cuts, even fill) and held-out frames"),
+    "pairs": ("selftransfer_trainer.pairs", "make HR/LR training pairs in an HDF5 file"),
+    "train": ("selftransfer_trainer.train", "fine-tune CARN-M on a pairs file"),
+    "export": ("selftransfer_trainer.export", "export a checkpoint as a model bundle (.stm)"),
+    "fit": ("selftransfer_trainer.fit", "all of the above: VIDEO -> MODEL.stm"),
+    "eval": ("selftransfer_trainer.evaluation.evaluate", "prove it: bicubic vs generic vs self-transfer on unseen frames"),
+    "script": ("vs_selftransfer.pipeline.upscale", "print a ready .vpy that upscales a video with a bundle"),
+    "upscale": ("vs_selftransfer.pipeline.upscale", "upscale a video with a bundle: vspipe | ffmpeg, keeping audio/subtitles"),
+    "info": ("selftransfer_trainer.export", "show a bundle's manifest after validating it"),
+    "demo": ("selftransfer_trainer.demo", "fit, evaluate and upscale the bundled sample clip (Big Buck Bunny)"),
 }
-
-
-class UserError(Exception):
-    """An input problem the user can fix; printed as one line, exit status 2."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,13 +52,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _version() -> str:
-    from trainer import __version__
+    from vs_selftransfer import __version__
     return __version__
 
 
 if __name__ == "__main__":
-    # `python -m trainer.cli` runs this file as __main__, a second copy whose UserError is not the
-    # trainer.cli.UserError the commands raise: run the importable module's main so the except clause matches.
-    from trainer.cli import main as _main
+    # `python -m selftransfer_trainer.cli` runs this file as __main__, a second copy whose UserError is not the
+    # UserError the commands raise: run the importable module's main so the except clause matches.
+    from selftransfer_trainer.cli import main as _main
 
     sys.exit(_main())

@@ -10,7 +10,7 @@ import importlib.util
 import subprocess
 from pathlib import Path
 
-from trainer.cli import UserError
+from vs_selftransfer.errors import UserError
 
 
 def sample_video() -> Path:
@@ -33,7 +33,7 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from trainer.cli import main as cli
+    from selftransfer_trainer.cli import main as cli
 
     if args.minutes <= 0:
         raise UserError(f"--minutes must be positive, not {args.minutes}")

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer.model import CARN, ModelConfig, build_model, load_state, official_to_single_scale
+from vs_selftransfer.model import CARN, ModelConfig, build_model, load_state, official_to_single_scale
 from vs_selftransfer.bundle import MEMBERS, Bundle, check_onnx, write_bundle
 
 ONNX_OPSET = 18
@@ -107,7 +107,7 @@ def export_bundle(model: CARN, path: str | os.PathLike, *, extra: dict | None = 
 
     precision = None
     if int8 is not None:
-        from trainer.quantize import quantize_for_video
+        from selftransfer_trainer.quantize import quantize_for_video
 
         data, report = quantize_for_video(members["model.onnx"], int8["calib"], int8["val"], cfg.scale)
         if data is not None:
@@ -372,7 +372,7 @@ def _version_of(dist: str) -> str | None:
 
 
 def _versions(with_trt: bool) -> dict:
-    from trainer import __version__
+    from vs_selftransfer import __version__
     out = {"selftransfer": __version__, "python": platform.python_version(), "torch": torch.__version__}
     dists = ["onnx", "onnxscript", "onnxruntime", "safetensors", "numpy"]
     if with_trt:
@@ -397,7 +397,7 @@ def load_for_export(path: str | os.PathLike, *, arch: str | None = None, scale: 
     Training checkpoints and bundles describe their own architecture; a plain state dict needs ``scale`` (and
     ``arch``/``channels``/``group`` when they are not CARN-M's defaults). Raises UserError for every bad input.
     """
-    from trainer.cli import UserError
+    from vs_selftransfer.errors import UserError
 
     path = Path(path)
     if not path.exists():
@@ -493,7 +493,7 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_export(args) -> int:
-    from trainer.cli import UserError
+    from vs_selftransfer.errors import UserError
 
     out = Path(args.output)
     if out.is_dir():

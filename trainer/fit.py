@@ -22,9 +22,9 @@ import sys
 import time
 from pathlib import Path
 
-from trainer.cli import UserError
-from trainer.degrade import CRF_RANGE, DEGRADATIONS
-from trainer.train import add_config_arguments, check_budget_args, config_from_args
+from vs_selftransfer.errors import UserError
+from selftransfer_trainer.degrade import CRF_RANGE, DEGRADATIONS
+from selftransfer_trainer.train import add_config_arguments, check_budget_args, config_from_args
 
 WORK_MARKER = "fit.json"
 FRAMES_JSON = "frames.json"
@@ -57,7 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from trainer.video import check_output_path, check_trainable, probe
+    from vs_selftransfer.files import check_output_path
+    from selftransfer_trainer.video import check_trainable
+    from vs_selftransfer.probe import probe
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -108,7 +110,7 @@ def run(args) -> int:
         resume = False
     if not resume:
         discard_work(work)
-    from vs_selftransfer.bundle import atomic_write
+    from vs_selftransfer.files import atomic_write
 
     atomic_write(marker, (json.dumps(spec, indent=1) + "\n").encode())
 
@@ -117,8 +119,8 @@ def run(args) -> int:
     if resume and pairs_usable(pairs_path, spec):
         say(f"--resume: reusing {pairs_path}")
     else:
-        from trainer.keyframes import select_frames, summary
-        from trainer.pairs import write_pairs
+        from selftransfer_trainer.keyframes import select_frames, summary
+        from selftransfer_trainer.pairs import write_pairs
 
         selection = select_frames(info.path, target=args.frames, val=args.val_frames, seed=args.seed)
         say(summary(selection))
@@ -128,7 +130,7 @@ def run(args) -> int:
     timings["frames_pairs_s"] = time.perf_counter() - t
 
     # Training.
-    from trainer.train import train
+    from selftransfer_trainer.train import train
 
     t = time.perf_counter()
     result = train(pairs_path, work / RUN_DIR, cfg, init=init_desc["path"], resume=resume,
@@ -137,8 +139,8 @@ def run(args) -> int:
     timings["train_total_s"] = result.wall_s  # over every resumed call
 
     # Export.
-    from trainer.export import export_bundle
-    from trainer.pairs import Pairs
+    from selftransfer_trainer.export import export_bundle
+    from selftransfer_trainer.pairs import Pairs
 
     t = time.perf_counter()
     with Pairs(pairs_path) as pairs:
@@ -187,7 +189,8 @@ def say(msg: str) -> None:
 def resolve_init(init: str) -> dict:
     """Check ``--init`` before any work: the official checkpoint is fetched (or found in the cache) now, a path
     must be a file. Returns {"name", "path" (what train() loads), "sha256"}."""
-    from trainer.weights import official_checkpoint, sha256_file
+    from selftransfer_trainer.weights import official_checkpoint
+    from vs_selftransfer.files import sha256_file
 
     if init == "none":
         return {"name": "none", "path": "none", "sha256": None}
@@ -213,7 +216,7 @@ def read_marker(path: Path):
 def pairs_usable(path: Path, spec: dict) -> bool:
     """A complete pairs file from this video with this scale and degradation (pairs files are written atomically,
     so an existing one is complete unless damaged afterwards)."""
-    from trainer.pairs import Pairs
+    from selftransfer_trainer.pairs import Pairs
 
     if not path.is_file():
         return False
@@ -231,7 +234,7 @@ def pairs_usable(path: Path, spec: dict) -> bool:
 
 def discard_work(work: Path) -> None:
     """Remove what an earlier run left in the work folder (only the files fit itself writes)."""
-    from trainer.train import CHECKPOINT, MODEL, RESULT
+    from selftransfer_trainer.train import CHECKPOINT, MODEL, RESULT
 
     for name in (FRAMES_JSON, PAIRS_H5):
         (work / name).unlink(missing_ok=True)

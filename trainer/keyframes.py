@@ -30,9 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.cli import UserError
-from trainer.video import (VideoInfo, check_output_path, check_trainable, frame_table, probe, read_frames,
-                           video_stream)
+from vs_selftransfer.errors import UserError
+from vs_selftransfer.probe import VideoInfo, frame_table, probe
+from vs_selftransfer.files import check_output_path
+from selftransfer_trainer.video import check_trainable, read_frames, video_stream
 
 KINDS = ("key", "scene", "even")
 THUMB_SIZE = (64, 36)  # width, height of the gray thumbnails used to compare frames
@@ -342,7 +343,7 @@ def run(args: argparse.Namespace) -> int:
     selection = select_frames(args.video, target=args.target, val=args.val, seed=args.seed)
     if png_dir is not None:
         write_pngs(selection, png_dir, args.force)
-    from vs_selftransfer.bundle import atomic_write
+    from vs_selftransfer.files import atomic_write
 
     atomic_write(output, (json.dumps(selection.to_json(), indent=1) + "\n").encode())
     print(summary(selection))
@@ -365,7 +366,7 @@ def write_pngs(selection: FrameSelection, folder: Path, force: bool = False) -> 
     """Write each chosen frame as ``train_<index>.png`` / ``val_<index>.png`` (atomically)."""
     import cv2
 
-    from vs_selftransfer.bundle import atomic_write
+    from vs_selftransfer.files import atomic_write
 
     folder.mkdir(parents=True, exist_ok=True)
     jobs = [(folder / f"{split}_{f.index:06d}.png", f) for split, frames in

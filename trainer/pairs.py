@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.cli import UserError
-from vs_selftransfer.bundle import fsync_dir
-from trainer.degrade import CRF_RANGE, DEGRADATIONS, crop_to_scale, degrade
+from vs_selftransfer.errors import UserError
+from vs_selftransfer.files import fsync_dir
+from selftransfer_trainer.degrade import CRF_RANGE, DEGRADATIONS, crop_to_scale, degrade
 
 FORMAT = "selftransfer-pairs"
 VERSION = 1
@@ -244,8 +244,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from trainer.keyframes import load_selection, select_frames, summary
-    from trainer.video import check_output_path, check_trainable, probe
+    from selftransfer_trainer.keyframes import load_selection, select_frames, summary
+    from vs_selftransfer.files import check_output_path
+    from selftransfer_trainer.video import check_trainable
+    from vs_selftransfer.probe import probe
 
     if not CRF_RANGE[0] <= args.crf <= CRF_RANGE[1]:
         raise UserError(f"--crf must be in {CRF_RANGE[0]}..{CRF_RANGE[1]}, got {args.crf}")

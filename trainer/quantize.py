@@ -64,7 +64,7 @@ def quantize_for_video(onnx_fp32: bytes, calib_lr: list[np.ndarray], val_pairs: 
                                           quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from trainer.metrics import psnr_y, quantize
+    from selftransfer_trainer.metrics import psnr_y, quantize
     from vs_selftransfer.tiling import upscale_image
 
     if not calib_lr or not val_pairs:

@@ -50,9 +50,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainer.cli import UserError
-from trainer.metrics import psnr_y, quantize
-from trainer.model import ModelConfig, build_model
+from vs_selftransfer.errors import UserError
+from selftransfer_trainer.metrics import psnr_y, quantize
+from vs_selftransfer.model import ModelConfig, build_model
 
 CHECKPOINT = "checkpoint.pt"
 MODEL = "model.pth"
@@ -344,7 +344,7 @@ class OnnxRunner:
 
         import onnx
 
-        from trainer.export import onnx_bytes
+        from selftransfer_trainer.export import onnx_bytes
 
         cpu_model = copy.deepcopy(model).float().cpu().to(memory_format=torch.contiguous_format).eval()
         self.proto = onnx.load_from_string(onnx_bytes(cpu_model))
@@ -401,7 +401,7 @@ def validate(model, val_frames, scale: int, device, cfg: TrainConfig, onnx_runne
 
 
 def bicubic_psnr(val_frames_uint8, scale: int) -> float:
-    from trainer.degrade import imresize
+    from selftransfer_trainer.degrade import imresize
 
     scores = []
     for lr, hr in val_frames_uint8:
@@ -437,7 +437,7 @@ def set_rng_states(s: dict) -> None:
 
 def save_checkpoint(path: Path, ckpt: dict) -> None:
     """torch.save into memory, then temp file + fsync + rename: the file on disk is always a complete checkpoint."""
-    from vs_selftransfer.bundle import atomic_write
+    from vs_selftransfer.files import atomic_write
 
     buf = io.BytesIO()
     torch.save(ckpt, buf)
@@ -464,7 +464,7 @@ def remove_stale_temps(out_dir: Path) -> None:
 
 
 def write_json(path: Path, obj) -> None:
-    from vs_selftransfer.bundle import atomic_write
+    from vs_selftransfer.files import atomic_write
 
     atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True, default=float) + "\n").encode())
 
@@ -494,8 +494,8 @@ def train(pairs_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: TrainC
     """
     from tqdm import tqdm
 
-    from trainer.pairs import Pairs, PatchSampler
-    from trainer.weights import initial_model
+    from selftransfer_trainer.pairs import Pairs, PatchSampler
+    from selftransfer_trainer.weights import initial_model
 
     t_call = time.perf_counter()
     pairs = Pairs(pairs_path)  # first: a wrong pairs path must not leave an empty run folder behind
@@ -738,7 +738,7 @@ def train(pairs_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: TrainC
         horizon=sched["horizon"], s_per_step=s_per_step, images_per_s=cfg.batch / s_per_step if s_per_step else None,
         wall_s=elapsed(), device=str(device), precision=precision, threads=threads,
         val_frames=val_indices, history=state["history"], losses=state["losses"], message=message)
-    from vs_selftransfer.bundle import atomic_write
+    from vs_selftransfer.files import atomic_write
 
     buf = io.BytesIO()
     torch.save({"model": best["model"], "model_config": mcfg.to_dict(), "validation": result.validation()}, buf)

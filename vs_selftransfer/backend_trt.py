@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import json
 import warnings
 from pathlib import Path
@@ -51,8 +52,9 @@ def available(device: str = "cuda") -> str | None:
 
 
 def engine_dir() -> Path:
-    from trainer.weights import cache_dir
-    return cache_dir() / "engines"
+    base = os.environ.get("SELFTRANSFER_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "selftransfer")
+    return Path(base) / "engines"
 
 
 def machine_facts(device) -> dict:
@@ -155,8 +157,8 @@ class Backend:
             return None  # stale or damaged cache entry: rebuild it (and overwrite it atomically)
 
     def _build(self, bundle, shape, precision, path: Path):
-        from trainer.export import TRT_FP16_TOLERANCE, _check_graph, tensorrt_bytes, trt_check_shapes
-        from vs_selftransfer.bundle import atomic_write
+        from selftransfer_trainer.export import TRT_FP16_TOLERANCE, _check_graph, tensorrt_bytes, trt_check_shapes
+        from vs_selftransfer.files import atomic_write
 
         model = bundle.torch_model()
         shapes = {"min": shape, "opt": shape, "max": shape}

@@ -18,10 +18,11 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from vs_selftransfer.files import atomic_write
 
 FORMAT = "selftransfer-bundle"
 FORMAT_VERSION = 1
@@ -264,7 +265,7 @@ class Bundle:
         return self._members[name]
 
     def model_config(self):
-        from trainer.model import ModelConfig
+        from vs_selftransfer.model import ModelConfig
         try:
             return ModelConfig.from_dict(self.manifest["model_config"])
         except (TypeError, ValueError) as e:
@@ -281,7 +282,7 @@ class Bundle:
 
     def torch_model(self):
         """The network with the bundle's weights, in eval mode (for PyTorch evaluation and export checks)."""
-        from trainer.model import build_model, load_state
+        from vs_selftransfer.model import build_model, load_state
         try:
             return load_state(build_model(self.model_config()), self.state_dict()).eval()
         except ValueError as e:
@@ -305,29 +306,3 @@ def write_bundle(path: str | os.PathLike, manifest: dict, members: dict[str, byt
         for n, b in members.items():
             zf.writestr(n, b)
     atomic_write(path, buf.getvalue())
-
-
-def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` so that ``path`` is either absent/old or complete: temp file, fsync, rename, fsync dir."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(directory: str | os.PathLike) -> None:
-    """Make a rename in ``directory`` durable: without it a crash can forget the new name."""
-    dfd = os.open(os.fspath(directory) or ".", os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)

@@ -30,7 +30,7 @@ BACKENDS = {
     "torch": "vs_selftransfer.backend_torch",
     "trt": "vs_selftransfer.backend_trt",
 }
-# Context around each tile: at least the network's receptive radius (trainer.model.RECEPTIVE_RADIUS = 22 LR px for
+# Context around each tile: at least the network's receptive radius (vs_selftransfer.model.RECEPTIVE_RADIUS = 22 LR px for
 # CARN/CARN-M), so tiled output equals untiled output; rounded up to a multiple of 8 for aligned windows.
 DEFAULT_OVERLAP = 24
 # Frames up to this many input pixels (640x360 and 512x512 fit) run whole; larger ones in AUTO_TILE tiles, which

@@ -226,3 +226,32 @@ def load_state(model: CARN, state: dict) -> CARN:
             f"weights do not fit {model.cfg.arch} x{model.cfg.scale}: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}")
     return model
+
+
+# The official CARN-M weights ship inside the package (vs_selftransfer/official/, MIT licence notice beside them),
+# converted from nmhkahn/CARN-pytorch's checkpoint/carn_m.pth by scripts/convert_official_weights.py: nothing is
+# downloaded at run time. Both digests are pinned; the shipped file is checked before it is read.
+OFFICIAL_WEIGHTS = {
+    "arch": "carn_m",
+    "file": "carn_m_x234.safetensors",
+    "sha256": "b84a10460153b5171cc81782db7d4206e1a695aae8a39e4c88581cf9b46aca17",
+    "source": "nmhkahn/CARN-pytorch checkpoint/carn_m.pth (MIT)",
+    "source_sha256": "d48a759a84509351facb6b7c6d5bd6edec98b98519b8c464ee4ab44d2ba964ff",
+}
+
+
+def official_weights_path(check: bool = True):
+    """Path of the shipped official multi-scale CARN-M weights (x2/x3/x4 heads), sha256-checked when ``check``."""
+    from pathlib import Path
+
+    from vs_selftransfer.files import sha256_file
+
+    path = Path(__file__).resolve().parent / "official" / OFFICIAL_WEIGHTS["file"]
+    if check:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: the official CARN-M weights are missing from the installed package; "
+                                    f"reinstall selftransfer")
+        if sha256_file(path) != OFFICIAL_WEIGHTS["sha256"]:
+            raise ValueError(f"{path}: the shipped official CARN-M weights are damaged (sha256 mismatch); "
+                             f"reinstall selftransfer")
+    return path

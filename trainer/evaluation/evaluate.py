@@ -37,9 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.cli import UserError
-from vs_selftransfer.bundle import fsync_dir
-from trainer.metrics import flicker, psnr_rgb, psnr_y, quantize, rgb_to_y, shave, ssim_y
+from vs_selftransfer.errors import UserError
+from vs_selftransfer.files import fsync_dir
+from selftransfer_trainer.metrics import flicker, psnr_rgb, psnr_y, quantize, rgb_to_y, shave, ssim_y
 
 DEFAULT_FRAMES = 24
 NEAR_SECONDS = 1.0
@@ -166,7 +166,7 @@ def sample_frames(candidates: list[UnseenFrame], *, count: int | None = DEFAULT_
 def bicubic_upscale(lr: np.ndarray, scale: int) -> np.ndarray:
     """LR uint8 HWC -> (3, sH, sW) float in [0, 1] on the 8-bit grid: MATLAB ``imresize(lr, scale)`` bicubic
     on the uint8 image (rounded after each axis, as MATLAB does), the bicubic baseline of SR papers."""
-    from trainer.degrade import imresize
+    from selftransfer_trainer.degrade import imresize
 
     up = imresize(np.asarray(lr, np.uint8), scale)
     return np.moveaxis(up, -1, 0).astype(np.float64) / 255.0
@@ -273,7 +273,7 @@ class Options:
 def _check_options(o: Options) -> None:
     if o.scale is not None and o.scale not in (2, 3, 4):
         raise UserError(f"--scale must be 2, 3 or 4, not {o.scale}")
-    from trainer.degrade import DEGRADATIONS
+    from selftransfer_trainer.degrade import DEGRADATIONS
 
     if o.degradation is not None and o.degradation not in DEGRADATIONS:
         raise UserError(f"--degradation must be one of {list(DEGRADATIONS)}, not {o.degradation!r}")
@@ -311,7 +311,7 @@ def _check_options(o: Options) -> None:
 
 
 def _degradation(manifest: dict, o: Options, warnings: list[str]) -> dict:
-    from trainer.degrade import DEGRADATIONS
+    from selftransfer_trainer.degrade import DEGRADATIONS
 
     trained = manifest.get("degradation")
     if not isinstance(trained, dict) or trained.get("method") not in DEGRADATIONS:
@@ -336,8 +336,9 @@ def _degradation(manifest: dict, o: Options, warnings: list[str]) -> dict:
 
 
 def _generic_model(spec: str, scale: int):
-    from trainer.model import ModelConfig
-    from trainer.weights import initial_model, official_checkpoint, sha256_file
+    from vs_selftransfer.model import ModelConfig
+    from selftransfer_trainer.weights import initial_model, official_checkpoint
+    from vs_selftransfer.files import sha256_file
 
     try:
         if spec == "official":
@@ -428,7 +429,7 @@ class Setup:
 
 def prepare(o: Options) -> Setup:
     """Validate the inputs and choose the test frames (cheap: nothing is decoded and no network is run)."""
-    from trainer.video import frame_table, probe
+    from vs_selftransfer.probe import frame_table, probe
     from vs_selftransfer.bundle import Bundle
 
     _check_options(o)
@@ -487,7 +488,7 @@ def evaluate(o: Options) -> dict:
     import shutil
     import tempfile
 
-    from trainer.report import write_report_dir
+    from selftransfer_trainer.evaluation.report import write_report_dir
 
     started = time.time()
     out = Path(o.output)
@@ -517,8 +518,8 @@ def run_frames(o: Options, setup: Setup) -> dict:
     import torch
     from tqdm import tqdm
 
-    from trainer.degrade import crop_to_scale, degrade
-    from trainer.video import read_frames
+    from selftransfer_trainer.degrade import crop_to_scale, degrade
+    from selftransfer_trainer.video import read_frames
     from vs_selftransfer.tiling import upscale_image
 
     scale, tile, tests = setup.scale, setup.tile, setup.tests
@@ -626,7 +627,7 @@ def _run_deployed(deployed: DeployedPath, n: int, lr: np.ndarray, index: int) ->
 
 
 def build_report(o: Options, setup: Setup, result: dict, elapsed: float) -> dict:
-    from trainer import __version__
+    from vs_selftransfer import __version__
 
     info, bundle, manifest = setup.info, setup.bundle, setup.bundle.manifest
     frames, pairs, methods = result["frames"], result["pairs"], result["methods"]
@@ -812,7 +813,7 @@ def run(args: argparse.Namespace) -> int:
                 generic=args.generic, deployed=args.deployed, force=args.force, tile=args.tile, seed=args.seed,
                 threads=args.threads, device=args.device, progress=args.progress)
     report = evaluate(o)
-    from trainer.report import console_table
+    from selftransfer_trainer.evaluation.report import console_table
     print(console_table(report))
     print(f"report: {Path(o.output) / 'report.md'}")
     return 0

@@ -28,8 +28,9 @@ import threading
 import time
 from pathlib import Path
 
-from trainer.cli import UserError
-from vs_selftransfer.bundle import fsync_dir
+from vs_selftransfer.errors import UserError
+from vs_selftransfer.colour import is_sd
+from vs_selftransfer.files import fsync_dir
 from vs_selftransfer import runtime
 from vs_selftransfer.backend_base import parse_device
 
@@ -202,7 +203,7 @@ def build_script(source: str | os.PathLike, model: str | os.PathLike, options: F
     """The .vpy text. ``index_cache``: let BestSource keep its index in the user's cache directory (worth it when the
     script is run more than once); False writes nothing anywhere (the one-shot ``upscale`` run). Paths are written
     with repr(), so quotes, backslashes and non-ASCII names stay intact."""
-    from trainer import __version__
+    from vs_selftransfer import __version__
 
     return SCRIPT_TEMPLATE.format(
         version=__version__,
@@ -230,8 +231,10 @@ def add_script_arguments(p) -> None:
 
 
 def run_script(args) -> int:
-    from trainer.video import check_output_path, probe
-    from vs_selftransfer.bundle import Bundle, atomic_write
+    from vs_selftransfer.files import check_output_path
+    from vs_selftransfer.probe import probe
+    from vs_selftransfer.bundle import Bundle
+    from vs_selftransfer.files import atomic_write
 
     options = FilterOptions.from_args(args)
     probe(args.input)
@@ -453,13 +456,9 @@ def color_args(video: dict, out_width: int | None, out_height: int | None) -> li
             args += [option, value]
     width, height = int(video.get("width") or 0), int(video.get("height") or 0)
     if ("-colorspace" not in args and out_width and out_height and width and height
-            and _is_sd(width, height) and not _is_sd(out_width, out_height)):
+            and is_sd(width, height) and not is_sd(out_width, out_height)):
         args += ["-colorspace", "smpte170m"]
     return args
-
-
-def _is_sd(width: int, height: int) -> bool:
-    return width <= 1024 and height <= 576  # the players' guess for untagged video (mpv, VLC)
 
 
 def build_ffmpeg_command(ffmpeg: str, source: Path, partial: Path, *, muxer: str, video_args: list[str],
@@ -826,7 +825,8 @@ class _PartialFile:
 
 
 def run_upscale(args) -> int:
-    from trainer.video import check_output_path, probe
+    from vs_selftransfer.files import check_output_path
+    from vs_selftransfer.probe import probe
     from vs_selftransfer.bundle import Bundle
 
     options = FilterOptions.from_args(args)
