@@ -115,16 +115,23 @@ setup(
         "onnx>=1.16,<2",
         "onnxscript>=0.1",
         "onnxruntime>=1.18,<2",
+        # The fastest CPU engine (bf16 and VNNI int8 where the CPU has them): part of the default install. Next to
+        # vs-mlrt's own OpenVINO it runs in a worker process (see vs_selftransfer/backend_ov.py).
+        "openvino>=2024.4",
         "tqdm>=4.66,<5",
         "matplotlib>=3.8,<4",
         "scikit-video>=1.1.11",
         "vapoursynth-bestsource>=11",
     ],
     extras_require={
-        "openvino": ["openvino>=2024.4"],
+        "openvino": [],  # OpenVINO is in install_requires; the extra stays a valid name for install commands
         "tensorrt": ["torch-tensorrt>=2.4"],
-        "test": ["pytest>=8", "hypothesis>=6.100", "openvino>=2024.4"],
-        "bench": ["vapoursynth-mlrt-ort>=15", "vapoursynth-mlrt-ov>=15", "openvino>=2024.4"],
+        "cluster": ["ray>=2.10,<3"],  # `selftransfer upscale --ray`; also gives `ray start` for the machines
+        # vs-mlrt's plugins: tests/test_coexist.py runs the filter next to them in one VapourSynth, as users do.
+        # ray: tests/test_cluster.py runs chunked upscales on a local Ray cluster.
+        "test": ["pytest>=8", "hypothesis>=6.100", "vapoursynth-mlrt-ort>=15", "vapoursynth-mlrt-ov>=15",
+                 "ray>=2.10,<3"],
+        "bench": ["vapoursynth-mlrt-ort>=15", "vapoursynth-mlrt-ov>=15"],
     },
     entry_points={"console_scripts": ["selftransfer=selftransfer_trainer.cli:main"]},
 )

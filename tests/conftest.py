@@ -34,6 +34,31 @@ def reference_path() -> Path:
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs CUDA (skips with a reason elsewhere)")
     config.addinivalue_line("markers", "slow: minutes of CPU (still part of CI)")
+    _make_the_plugin_loadable()
+
+
+def _make_the_plugin_loadable() -> None:
+    """Every test that runs vspipe or a core needs core.selftransfer. `pip install .` puts the plugin where
+    VapourSynth autoloads it; an editable install does not, so then build it in place (when missing or older than
+    its source) and point VapourSynth there, for this process and every vspipe it starts. Tests never skip for a
+    missing plugin: one that cannot be built fails them."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    spec = importlib.util.find_spec("vapoursynth")
+    site = Path(spec.origin).parent if spec and spec.origin else None
+    if site is not None and (site / "plugins" / "selftransfer" / "libselftransfer.so").is_file():
+        return
+    dev = ROOT / "build" / "vsplugin"
+    source = ROOT / "vs_selftransfer" / "plugin" / "selftransfer.c"
+    built = dev / "libselftransfer.so"
+    if not built.is_file() or built.stat().st_mtime < source.stat().st_mtime:
+        subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=ROOT, check=True,
+                       capture_output=True, timeout=600)
+    paths = [p for p in os.environ.get("VAPOURSYNTH_EXTRA_PLUGIN_PATH", "").split(os.pathsep) if p]
+    if str(dev) not in paths:
+        os.environ["VAPOURSYNTH_EXTRA_PLUGIN_PATH"] = os.pathsep.join([str(dev), *paths])
 
 
 @pytest.fixture(scope="session")

@@ -95,6 +95,27 @@ def test_strided_input_is_accepted(bundle):
     assert np.array_equal(backend(big[:, :, 4:12, 4:12]), backend(np.ascontiguousarray(big[:, :, 4:12, 4:12])))
 
 
+def test_one_onnx_runtime_session_builder(bundle, image, expected, tmp_path):
+    """make_session is what the ort backend, training validation, the export check and int8 measurement open graphs
+    with: from bytes or a file, the threads asked for, no memory arena (it keeps the peak of every shape it saw)."""
+    data = bundle.member("model.onnx")
+    (tmp_path / "model.onnx").write_bytes(data)
+    x = image[None].copy()
+    outputs = []
+    for graph in (data, tmp_path / "model.onnx", str(tmp_path / "model.onnx")):
+        session = backend_ort.make_session(graph, threads=1)
+        options = session.get_session_options()
+        assert options.intra_op_num_threads == 1 and not options.enable_cpu_mem_arena
+        assert session.get_providers() == ["CPUExecutionProvider"]
+        outputs.append(backend_ort.session_runner(session)(x))
+    assert all(np.array_equal(outputs[0], y) for y in outputs[1:])
+    assert np.abs(outputs[0][0] - expected).max() <= 1e-4
+    backend = backend_ort.Backend(bundle, threads=1, window=image.shape[1:])
+    assert not backend.session.get_session_options().enable_cpu_mem_arena
+    with pytest.raises(ValueError, match="device"):
+        backend_ort.make_session(data, device="tpu")
+
+
 # -- precisions ------------------------------------------------------------------------------------------------
 def test_precision_errors_say_what_to_use(bundle):
     with pytest.raises(ValueError, match="runs fp32 .*bf16 use the ov backend"):

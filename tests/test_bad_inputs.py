@@ -100,7 +100,7 @@ def test_unwritable_output_folder(inputs, tmp_path, capsys):
     folder = _unwritable_folder(tmp_path)
     out = os.path.join(folder, "frames.json")
     code, _, err = _frames(capsys, inputs["odd"], "-o", out)
-    assert code == 2 and "cannot write in the output folder" in err and err.count("\n") == 1
+    assert code == 2 and "cannot write in the output directory" in err and err.count("\n") == 1
     assert not os.path.exists(out)
 
 

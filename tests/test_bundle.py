@@ -99,8 +99,12 @@ def test_bad_sha_is_refused(tmp_path, parts):
     weights = bytearray(members["weights.safetensors"])
     weights[-1] ^= 0x01
     p = rebuild(tmp_path / "s.stm", manifest, {**members, "weights.safetensors": bytes(weights)})
+    b = Bundle.open(p)  # the reader reads no member until asked
     with pytest.raises(BundleError, match="weights.safetensors does not match its sha256"):
-        Bundle.open(p)
+        b.verify()
+    with pytest.raises(BundleError, match="weights.safetensors does not match its sha256"):
+        b.member("weights.safetensors")
+    assert b.member("model.onnx") == members["model.onnx"]
 
 
 def test_wrong_size_is_refused(tmp_path, parts):
@@ -233,7 +237,7 @@ def test_onnx_pointing_at_external_data_is_refused(tmp_path, parts):
 
     p = rebuild(tmp_path / "e.stm", manifest, _onnx_with(members, point_outside), rehash=True)
     with pytest.raises(BundleError, match="external data"):
-        Bundle.open(p)
+        Bundle.open(p).member("model.onnx")
 
 
 def test_onnx_with_the_wrong_signature_is_refused(tmp_path, parts):
@@ -247,10 +251,10 @@ def test_onnx_with_the_wrong_signature_is_refused(tmp_path, parts):
 
     p = rebuild(tmp_path / "i.stm", manifest, _onnx_with(members, rename_input), rehash=True)
     with pytest.raises(BundleError, match="one float input 'lr'"):
-        Bundle.open(p)
+        Bundle.open(p).member("model.onnx")
     p = rebuild(tmp_path / "g.stm", manifest, {**members, "model.onnx": b"\x08\x07garbage" * 10}, rehash=True)
     with pytest.raises(BundleError, match="model.onnx"):
-        Bundle.open(p)
+        Bundle.open(p).member("model.onnx")
 
 
 def test_write_bundle_refuses_a_bad_manifest_and_writes_nothing(tmp_path, parts):
@@ -267,15 +271,15 @@ def test_check_onnx_accepts_the_exported_graph(parts):
 
 # -- property-based fuzzing -------------------------------------------------------------------------------------------
 def _open_or_bundle_error(path) -> Bundle | None:
-    """The property: Bundle.open either succeeds on a bundle whose members match their hashes, or raises
-    BundleError. Any other exception type propagates and fails the test."""
+    """The property: Bundle.open, verify and member either succeed on a bundle whose members match their hashes,
+    or raise BundleError. Any other exception type propagates and fails the test."""
     try:
-        b = Bundle.open(path)
+        b = Bundle.open(path).verify()
+        for name, info in b.manifest["members"].items():
+            data = b.member(name)
+            assert len(data) == info["size"] and hashlib.sha256(data).hexdigest() == info["sha256"]
     except BundleError:
         return None
-    for name, info in b.manifest["members"].items():
-        data = b.member(name)
-        assert len(data) == info["size"] and hashlib.sha256(data).hexdigest() == info["sha256"]
     return b
 
 

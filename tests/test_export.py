@@ -14,7 +14,9 @@ import torch
 
 import selftransfer_trainer.export as export
 from selftransfer_trainer.cli import main
-from selftransfer_trainer.export import ExportCheckError, check_input, export_bundle
+from selftransfer_trainer.export import ExportCheckError, export_bundle
+from vs_selftransfer import backend_trt
+from vs_selftransfer.graph_check import check_image
 from vs_selftransfer.model import ModelConfig, build_model
 from selftransfer_trainer.weights import initial_model
 from vs_selftransfer.bundle import INPUT, Bundle
@@ -49,7 +51,7 @@ _ONNX_MEMO: dict[str, bytes] = {}
 # -- the official weights, exported (conftest's generic_bundle) ------------------------------------------------
 def test_manifest_fields(generic_bundle):
     m = Bundle.open(generic_bundle).manifest
-    assert m["format"] == "selftransfer-bundle" and m["format_version"] == 1
+    assert m["format"] == "selftransfer-bundle" and m["format_version"] == 2 and m["probe"]["shape"] == [1, 3, 16, 16]
     assert (m["arch"], m["scale"]) == ("carn_m", 2)
     assert m["model_config"] == ModelConfig(scale=2).to_dict()
     assert m["input"] == INPUT
@@ -106,7 +108,7 @@ def test_graphs_reproduce_the_model_on_unseen_shapes(generic_bundle, official_pa
     eager = initial_model(ModelConfig(scale=2), str(official_path)).eval()
     session = ort.InferenceSession(b.member("model.onnx"), providers=["CPUExecutionProvider"])
     ts = torch.jit.load(io.BytesIO(b.member("model.ts")))
-    x = check_input((1, 3, 31, 45), seed=7)
+    x = check_image((1, 3, 31, 45), seed=7)
     with torch.no_grad():
         expected = eager(x).numpy()
         assert np.abs(ts(x).numpy() - expected).max() <= 1e-4
@@ -155,6 +157,24 @@ def test_a_graph_that_does_not_run_fails_the_export(tmp_path, monkeypatch, tiny_
     with pytest.raises(ExportCheckError, match="model.ts does not load"):
         export_bundle(tiny_model, tmp_path / "x.stm", tensorrt=False)
     assert not list(tmp_path.iterdir())
+
+
+def test_graph_check_is_the_runtime_side_piece_export_and_the_trt_backend_share(tiny_model):
+    from vs_selftransfer.graph_check import CHECK_SHAPES, GraphCheckError, check_graph
+    from vs_selftransfer.model import torch_runner
+
+    eager = torch_runner(tiny_model, "cpu", channels_last=False)
+    assert check_graph("same", lambda: eager, eager, 0.0) == 0.0
+    off = 5e-3
+    with pytest.raises(GraphCheckError, match=r"shifted differs from the PyTorch model by 0\.005 \(> 0\.001\)"):
+        check_graph("shifted", lambda: lambda x: eager(x) + np.float32(off), eager, 1e-3)
+    assert check_graph("shifted", lambda: lambda x: eager(x) + np.float32(off), eager, 1e-2) == pytest.approx(off, rel=1e-4)
+    with pytest.raises(GraphCheckError, match="broken does not load: nope"):
+        check_graph("broken", lambda: (_ for _ in ()).throw(OSError("nope")), eager, 1e-3)
+    with pytest.raises(GraphCheckError, match="returned shape"):
+        check_graph("cropped", lambda: lambda x: eager(x)[..., :-1], eager, 1e-3)
+    with pytest.raises(GraphCheckError, match="differs"):
+        check_graph("nan", lambda: lambda x: eager(x) * np.nan, eager, 1e-3, shapes=CHECK_SHAPES[:1])
 
 
 def test_export_arguments_are_validated_before_any_work(tmp_path, tiny_model):
@@ -271,7 +291,7 @@ def test_cli_exports_plain_weights_with_scale(tmp_path, tiny_model):
     out = tmp_path / "w.stm"
     assert main(["export", str(plain), "-o", str(out), "--scale", "2", "--channels", "8", "--no-torchscript"]) == 0
     b = Bundle.open(out)
-    x = check_input((1, 3, 20, 24))
+    x = check_image((1, 3, 20, 24))
     with torch.no_grad():
         assert torch.equal(b.torch_model()(x), tiny_model(x))
 
@@ -279,7 +299,7 @@ def test_cli_exports_plain_weights_with_scale(tmp_path, tiny_model):
 # -- GPU ---------------------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 def test_tensorrt_engine_is_exported_and_checked(tmp_path, official_path):
-    if reason := export.tensorrt_unavailable():
+    if reason := backend_trt.available():
         pytest.skip(reason)
     model = initial_model(ModelConfig(scale=2), str(official_path))
     shapes = {"min": (1, 3, 16, 16), "opt": (1, 3, 64, 64), "max": (1, 3, 128, 128)}
@@ -288,4 +308,4 @@ def test_tensorrt_engine_is_exported_and_checked(tmp_path, official_path):
     assert "model.trt.ts" in m["members"] and trt["precision"] == "fp16"
     assert trt["min_shape"] == [1, 3, 16, 16] and trt["max_shape"] == [1, 3, 128, 128]
     assert trt["gpu"] == torch.cuda.get_device_name() and trt["tensorrt"]
-    assert 0 <= m["export_checks"]["max_abs_diff"]["model.trt.ts"] <= export.TRT_FP16_TOLERANCE
+    assert 0 <= m["export_checks"]["max_abs_diff"]["model.trt.ts"] <= backend_trt.TRT_FP16_TOLERANCE

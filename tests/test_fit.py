@@ -35,7 +35,7 @@ def test_fit_end_to_end_on_the_shared_clip(clip_path, official_path, tmp_path, c
     from vs_selftransfer.files import sha256_file
 
     out = tmp_path / "bbb.stm"
-    rc = main(["fit", str(clip_path), "-o", str(out), "--init", str(official_path), "--steps", "4",
+    rc = main(["fit", str(clip_path), "-o", str(out), "--delivery", "--init", str(official_path), "--steps", "4",
                "--val-every", "4", *SMALL])
     assert rc == 0
     printed = capsys.readouterr().out
@@ -49,6 +49,7 @@ def test_fit_end_to_end_on_the_shared_clip(clip_path, official_path, tmp_path, c
     assert len(train) == 4 and len(val) == 1 and len(m["frames"]["kinds"]["train"]) == 4
     assert not {v + d for v in val for d in (-1, 0, 1)} & set(train)  # held out: not a training frame nor a neighbour
     assert m["degradation"] == {"method": "bicubic", "scale": 2}
+    assert m["setting"]["kind"] == "delivery" and m["setting"]["ships"] == m["validation"]["shipped"]
     tc = m["train_config"]
     assert tc["steps"] == 4 and tc["batch"] == 4 and tc["patch"] == 24 and tc["init"] == official_path.name
     v = m["validation"]

@@ -125,6 +125,35 @@ def test_sampler_refuses_patches_larger_than_frames(tmp_path):
         PatchSampler(pairs, patch=48)
 
 
+def test_interrupted_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    """write_pairs goes through vs_selftransfer.files.atomic_path: a failure half-way (here: degrading the second
+    frame) leaves the previous file as it was and nothing else; success replaces it whole."""
+    import selftransfer_trainer.pairs as pairs_module
+
+    selection = _synthetic_selection(tmp_path)
+    selection.train.append(Frame(1, 0.04, "even", selection.train[0].image.copy()))
+    out = tmp_path / "out" / "pairs.h5"
+    out.parent.mkdir()
+    out.write_bytes(b"the previous pairs file")
+    calls = []
+
+    def failing_degrade(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return degrade(*a, **k)
+
+    monkeypatch.setattr(pairs_module, "degrade", failing_degrade)
+    with pytest.raises(OSError, match="disk full"):
+        write_pairs(out, selection, 2)
+    assert out.read_bytes() == b"the previous pairs file" and [p.name for p in out.parent.iterdir()] == ["pairs.h5"]
+    monkeypatch.setattr(pairs_module, "degrade", degrade)
+    write_pairs(out, selection, 2)
+    assert [p.name for p in out.parent.iterdir()] == ["pairs.h5"]
+    with Pairs(out) as pairs:
+        assert pairs.train_indices == [0, 1]
+
+
 def test_pairs_refuses_other_files(tmp_path, clip_path):
     with pytest.raises(UserError, match="not HDF5"):
         Pairs(clip_path)

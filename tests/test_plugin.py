@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -117,7 +118,7 @@ def test_rgbs_output_matches_pytorch(core, generic_bundle, frames, torch_output,
     assert (out.format.id, out.width, out.height, out.num_frames) == (vs.RGBS, 2 * W, 2 * H, len(frames))
     for n in range(len(frames)):
         got = np.stack(planes(out.get_frame(n)))
-        assert np.abs(got - torch_output[n]).max() <= 1e-4, f"frame {n}"
+        assert np.abs(got - np.clip(torch_output[n], 0, 1)).max() <= 1e-4, f"frame {n}"
 
 
 def test_constant_gray_stays_constant(core, generic_bundle):
@@ -133,14 +134,15 @@ FORMATS = [vs.RGB24, vs.RGB30, vs.RGB48, vs.RGBH, vs.YUV420P8, vs.YUV420P10, vs.
 
 def expected_output(core, src: vs.VideoNode, torch_frames: np.ndarray, matrix: str, range_: str, chromaloc: str):
     """What Upscale must return for ``src``: its RGB (decoded with its own props) through the network, clamped to
-    [0, 1] for integer formats, encoded back with the given colorimetry."""
+    [0, 1], encoded back with the given colorimetry (float YUV limited to Y [0, 1], chroma [-0.5, 0.5])."""
     fmt = src.format
-    if fmt.sample_type == vs.INTEGER:
-        torch_frames = np.clip(torch_frames, 0, 1)
-    upscaled = rgbs_clip(core, torch_frames)
+    upscaled = rgbs_clip(core, np.clip(torch_frames, 0, 1))
     if fmt.color_family == vs.RGB:
         return core.resize.Point(upscaled, format=fmt.id, range_s=range_)
-    return core.resize.Bicubic(upscaled, format=fmt.id, matrix_s=matrix, range_s=range_, chromaloc_s=chromaloc)
+    out = core.resize.Bicubic(upscaled, format=fmt.id, matrix_s=matrix, range_s=range_, chromaloc_s=chromaloc)
+    if fmt.sample_type == vs.FLOAT:
+        out = core.std.Limiter(out, min=[0, -0.5, -0.5], max=[1, 0.5, 0.5])
+    return out
 
 
 def decoded_reference(core, generic_bundle, src: vs.VideoNode) -> np.ndarray:
@@ -177,6 +179,44 @@ def test_input_formats(core, generic_bundle, frames, fmt):
                            fmt.color_family == vs.YUV else "full", "left")
     for n in range(len(frames)):
         assert max_diff(out.get_frame(n), want.get_frame(n)) <= tolerance(fmt), f"frame {n}"
+
+
+NOMINAL = {vs.RGB: ([0, 0, 0], [1, 1, 1]), vs.YUV: ([0, -0.5, -0.5], [1, 0.5, 0.5])}
+
+
+@pytest.mark.parametrize("fmt", [vs.RGBS, vs.RGBH, vs.YUV444PS, vs.YUV444PH],
+                         ids=lambda f: vs.core.get_video_format(f).name)
+def test_float_outputs_are_clamped_to_the_nominal_range(core, generic_bundle, frames, torch_output, fmt):
+    """On the noise frame the network overshoots both ways; float outputs are clamped like integer ones: RGB to
+    [0, 1] (both bounds reached), YUV to Y [0, 1] and chroma [-0.5, 0.5]."""
+    assert torch_output[2].min() < -0.1 and torch_output[2].max() > 1.1  # the test can fail
+    fmt = core.get_video_format(fmt)
+    rgb = rgbs_clip(core, frames[2:])
+    src = (core.resize.Point(rgb, format=fmt.id) if fmt.color_family == vs.RGB else
+           core.resize.Point(rgb, format=fmt.id, matrix_s="709"))
+    low, high = NOMINAL[fmt.color_family]
+    for p, plane in enumerate(planes(upscale(core, src, generic_bundle).get_frame(0))):
+        assert low[p] <= plane.min() and plane.max() <= high[p], (p, plane.min(), plane.max())
+        if fmt.color_family == vs.RGB:
+            assert plane.min() == 0 and plane.max() == 1
+
+
+def test_float_yuv_chroma_is_limited_after_subsampling(core, generic_bundle):
+    """Saturated blue/yellow stripes: 4:2:0 chroma resampling overshoots [-0.5, 0.5] even from RGB in [0, 1]; the
+    float YUV output is limited to the nominal range as an integer one is to its code range."""
+    img = np.zeros((1, 3, H, W), np.float32)
+    img[0, 2] = 1  # blue
+    for x in range(3, W, 8):
+        img[0, :, :, x:x + 4] = np.array([1, 1, 0], np.float32)[:, None, None]  # yellow stripes
+    src = core.resize.Point(rgbs_clip(core, img), format=vs.YUV420PS, matrix_s="709")  # sharp chroma
+    got = planes(upscale(core, src, generic_bundle).get_frame(0))
+    unlimited = core.resize.Bicubic(upscale(core, core.resize.Bicubic(src, format=vs.RGBS), generic_bundle),
+                                    format=vs.YUV420PS, matrix_s="709")
+    assert np.abs(planes(unlimited.get_frame(0))[1]).max() > 0.51  # the test can fail
+    low, high = NOMINAL[vs.YUV]
+    for p, plane in enumerate(got):
+        assert low[p] <= plane.min() and plane.max() <= high[p], (p, plane.min(), plane.max())
+    assert np.abs(got[1]).max() == 0.5
 
 
 def test_yuv_colorimetry_comes_from_the_clip(core, generic_bundle, frames):
@@ -369,6 +409,25 @@ def test_bad_bundles(core, tiny_bundle, tmp_path):
     assert "unknown member 'weights.pth'" in error(pickled)
 
 
+def test_undecodable_model_paths_are_shown_escaped(core, tiny_bundle, tmp_path):
+    """A file name that is not UTF-8 reaches the plugin as bytes; it works, and errors show its bad bytes escaped."""
+    clip = core.std.BlankClip(format=vs.RGB24, width=W, height=H, length=1)
+    folder = os.fsencode(tmp_path)
+
+    def error(model: bytes) -> str:
+        with pytest.raises(vs.Error) as e:
+            core.selftransfer.Upscale(clip, model=model)
+        return str(e.value)
+
+    assert error(folder + b"/caf\xe9.stm") == f"{FUNC}: model: file not found: {tmp_path}/caf\\xe9.stm"
+    (tmp_path / os.fsdecode(b"garbage\xff\xfe.stm")).write_bytes(b"not a zip file" * 100)
+    assert error(folder + b"/garbage\xff\xfe.stm").startswith(
+        f"{FUNC}: model: {tmp_path}/garbage\\xff\\xfe.stm: not a selftransfer bundle")
+    bundle = folder + b"/tiny\xe9.stm"
+    os.link(tiny_bundle, bundle)
+    assert core.selftransfer.Upscale(clip, model=bundle, backend="ort").get_frame(0).width == 2 * W
+
+
 def test_bad_clips(core, tiny_bundle):
     model = str(tiny_bundle)
     cases = {
@@ -419,14 +478,53 @@ def test_runtime_may_not_keep_frame_memory(core, tiny_bundle, monkeypatch):
     real = runtime.tiled_upscale
 
     def keeping(run, src, dst, *args, **kwargs):
-        kept.append(dst[0])  # a view into the output frame, kept past the call: must be refused
+        kept.append(dst[0])  # an array into the output frame, kept past the call: must be refused
         return real(run, src, dst, *args, **kwargs)
 
     monkeypatch.setattr(runtime, "tiled_upscale", keeping)
-    out = upscale(core, core.std.BlankClip(format=vs.RGBS, width=W, height=H, length=1), tiny_bundle)
+    out = upscale(core, core.std.BlankClip(format=vs.RGBS, width=W, height=H, length=2), tiny_bundle)
     with pytest.raises(vs.Error, match=f"{FUNC}: the runtime kept a reference to frame memory"):
         out.get_frame(0)
+    kept[0][:] = 0.5  # the frame's memory was kept allocated for it (see test_plugin_lifetime.py)
     kept.clear()
+    monkeypatch.undo()
+    assert out.get_frame(1).width == 2 * W
+
+
+def test_plane_views_are_released_after_the_call(core, tiny_bundle, monkeypatch):
+    """The plugin's own plane objects may be kept: they are released memoryviews, no way into the frame."""
+    kept = []
+    real = runtime.Upscaler.process
+
+    def keeping(self, slot, n, src_planes, dst_planes):
+        kept.extend([*src_planes, *dst_planes])
+        return real(self, slot, n, src_planes, dst_planes)
+
+    monkeypatch.setattr(runtime.Upscaler, "process", keeping)
+    out = upscale(core, core.std.BlankClip(format=vs.YUV420P8, width=W, height=H, length=1), tiny_bundle)
+    assert out.get_frame(0).width == 2 * W
+    assert len(kept) == 6
+    for view in kept:
+        assert isinstance(view, memoryview)
+        with pytest.raises(ValueError, match="released memoryview"):
+            memoryview(view)  # what numpy and every other consumer starts with
+        with pytest.raises(ValueError, match="released memoryview"):
+            view[0, 0]
+
+
+def test_plane_views_describe_the_frames(core, tiny_bundle, monkeypatch):
+    """Source planes are read-only, output planes writable, both float32 (H, W) with the frame's row stride."""
+    seen = []
+    real = runtime.Upscaler.process
+
+    def looking(self, slot, n, src_planes, dst_planes):
+        seen.extend((v.format, v.shape, v.strides[1], v.strides[0] >= 4 * v.shape[1], v.readonly)
+                    for v in (*src_planes, *dst_planes))
+        return real(self, slot, n, src_planes, dst_planes)
+
+    monkeypatch.setattr(runtime.Upscaler, "process", looking)
+    upscale(core, core.std.BlankClip(format=vs.RGBS, width=W - 3, height=H, length=1), tiny_bundle).get_frame(0)
+    assert seen == [("f", (H, W - 3), 4, True, True)] * 3 + [("f", (2 * H, 2 * W - 6), 4, True, False)] * 3
 
 
 # -- the rest of the interface --------------------------------------------------------------------------------------
@@ -483,7 +581,7 @@ def test_cuda_backends(core, generic_bundle, frames, torch_output, backend, prec
     out = upscale(core, rgbs_clip(core, frames), generic_bundle, backend=backend, device="cuda",
                   precision=precision)
     for n in range(len(frames)):
-        assert np.abs(np.stack(planes(out.get_frame(n))) - torch_output[n]).max() <= tol
+        assert np.abs(np.stack(planes(out.get_frame(n))) - np.clip(torch_output[n], 0, 1)).max() <= tol
 
 
 def test_exact_temporal_reuse_is_lossless(core, tiny_bundle):

@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from vs_selftransfer.model import RECEPTIVE_RADIUS, ModelConfig, build_model
-from vs_selftransfer.tiling import tile_windows, tiled_upscale, upscale_image, window_shape
+from vs_selftransfer import tiling
+from vs_selftransfer.model import RECEPTIVE_RADIUS, ModelConfig, build_model, torch_runner
+from vs_selftransfer.tiling import auto_tile, tile_windows, tiled_upscale, upscale_image, window_shape
 
 
 @pytest.mark.parametrize("size,tile,overlap", [(100, 32, 8), (64, 64, 8), (65, 64, 24), (130, 64, 24), (7, 3, 0), (360, 128, 24)])
@@ -96,3 +97,37 @@ def test_exact_temporal_reuse_is_lossless_and_skips_identical_windows(net):
     # a new geometry is not confused with the stored one
     small = np.empty((3, 96, 96), np.float32)
     assert tiled_upscale(net, list(b[:, :48, :48]), list(small), 2, tile=16, overlap=8, reuse=cache) == 9
+
+
+# -- the one tile rule and overlap (the filter, evaluation and training validation all use them) ----------------------
+def test_default_overlap_keeps_tiles_exact():
+    assert tiling.OVERLAP >= RECEPTIVE_RADIUS
+
+
+@pytest.mark.parametrize("width,height,tile", [(640, 360, 0), (512, 512, 0), (1, 1, 0), (513, 512, 384),
+                                               (960, 540, 384), (1920, 1080, 384), (100, 5000, 384)])
+def test_auto_tile_runs_frames_whole_up_to_the_budget_and_tiles_above_it(width, height, tile):
+    assert auto_tile(width, height) == tile
+    # What the network sees at once (a whole frame, or a tile with its context) stays within the memory budget.
+    wh, ww = window_shape(height, width, tile, tile, tiling.OVERLAP)
+    assert wh * ww <= tiling.AUTO_TILE_MAX_PIXELS
+
+
+def test_torch_runner_runs_the_model_as_it_is():
+    """The one PyTorch runner: float32 C-contiguous output equal to the eager model's in either layout, and the
+    model (device, layout, train mode) untouched, so a model being trained can be validated in place."""
+    torch.manual_seed(3)
+    model = build_model(ModelConfig(scale=2, channels=8)).train()
+    x = np.random.default_rng(3).random((2, 3, 20, 28), dtype=np.float32)
+    layouts = {k: v.is_contiguous() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        expected = model.eval()(torch.from_numpy(x)).numpy()
+    model.train()
+    for channels_last in (None, True, False):
+        y = torch_runner(model.eval(), "cpu", channels_last=channels_last)(x)
+        assert y.dtype == np.float32 and y.flags.c_contiguous and not np.shares_memory(y, x)
+        assert np.abs(y - expected).max() <= 1e-5
+    model.train()
+    torch_runner(model, "cpu")(x)
+    assert model.training
+    assert {k: v.is_contiguous() for k, v in model.state_dict().items()} == layouts

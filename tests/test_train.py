@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from vs_selftransfer.errors import UserError
-from selftransfer_trainer.train import (CHECKPOINT, MODEL, RESULT, TrainConfig, load_checkpoint, lr_at, progress_at, replan, train)
+from selftransfer_trainer.train import (CHECKPOINT, MODEL, RESULT, Schedule, TrainConfig, load_checkpoint, lr_at,
+                                        progress_at, replan, train)
 
 # Small and fast: random-init CARN-M on 32x48 LR frames, patches of 16, validation in PyTorch (no ONNX export).
 # One thread: on a busy 2-core machine two OpenMP threads wait on each other and tiny steps get ~5x slower.
@@ -80,7 +81,7 @@ def test_config_dict_round_trip():
 
 def test_schedule_warmup_then_cosine_to_zero():
     cfg = TrainConfig(steps=100, lr=1e-3, warmup_steps=10)
-    sched = {"s0": 0, "p0": 0.0, "horizon": 100, "warmup": 10}
+    sched = Schedule(s0=0, p0=0.0, horizon=100, warmup=10)
     lrs = [lr_at(s, sched, cfg) for s in range(100)]
     assert lrs[0] == pytest.approx(1e-4 * 0.5 * (1 + math.cos(0)))
     assert max(lrs) <= 1e-3
@@ -91,13 +92,59 @@ def test_schedule_warmup_then_cosine_to_zero():
 
 def test_replanned_horizon_keeps_the_learning_rate_continuous():
     cfg = TrainConfig(minutes=1.0, lr=1e-3)
-    sched = {"s0": 0, "p0": 0.0, "horizon": 200, "warmup": 10}
+    sched = Schedule(s0=0, p0=0.0, horizon=200, warmup=10)
     before = lr_at(50, sched, cfg)
     new = replan(50, sched, cfg, remaining_s=100.0, s_per_step=0.5, val_s=2.0, validated_quarters=1)
     # 3 validations left (2 s each) and 0.97 * 100 s: (97 - 6) / 0.5 = 182 more steps
-    assert new["horizon"] == 50 + 182
+    assert new.horizon == 50 + 182
     assert lr_at(50, new, cfg) == pytest.approx(before)
-    assert progress_at(new["horizon"], new) == 1.0
+    assert progress_at(new.horizon, new) == 1.0
+
+
+def test_every_flag_in_the_mapping_is_a_real_flag_and_errors_name_it():
+    import argparse
+
+    from selftransfer_trainer import fit
+    from selftransfer_trainer.train import FLAGS, add_arguments, config_from_args, config_differences
+
+    train_parser, fit_parser = argparse.ArgumentParser(), argparse.ArgumentParser()
+    add_arguments(train_parser)
+    fit.add_arguments(fit_parser)
+    known = {s for p in (train_parser, fit_parser) for a in p._actions for s in a.option_strings}
+    assert set(FLAGS.values()) <= known
+    assert set(FLAGS) - {"init", "resume"} <= set(TrainConfig().to_dict())
+    args = train_parser.parse_args(["p.h5", "-o", "run", "--batch", "0"])
+    with pytest.raises(UserError, match=r"^--batch 0: must be a positive integer"):
+        config_from_args(args)
+    args = train_parser.parse_args(["p.h5", "-o", "run", "--val-every", "-2"])
+    with pytest.raises(UserError, match=r"^--val-every -2:"):
+        config_from_args(args)
+    saved = TrainConfig(steps=4, lr=1e-3).to_dict()
+    assert config_differences(saved, TrainConfig(steps=4, lr=5e-4)) == ["--lr: checkpoint 0.001, now 0.0005"]
+    # A setting the checkpoint predates counts as its default: the run still resumes.
+    del saved["grad_clip"]
+    assert config_differences(saved, TrainConfig(steps=4, lr=1e-3)) == []
+    assert config_differences(saved, TrainConfig(steps=4, lr=1e-3, grad_clip=0.5)) == [
+        "train config grad_clip: checkpoint 1.0, now 0.5"]
+
+
+def test_validation_tiles_are_exact(tiny_pairs):
+    """Validation with the shared overlap scores the same whether the frames run whole or in small tiles."""
+    from vs_selftransfer.model import ModelConfig, build_model
+    from selftransfer_trainer.pairs import Pairs
+    from selftransfer_trainer.validate import Validator
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(scale=2, channels=8))
+    with Pairs(tiny_pairs) as pairs:
+        frames = [pairs.val_pair(0)]
+    cfg = TrainConfig()
+    scores = [Validator(frames, 2, model, torch.device("cpu"), backend="torch", tile=tile,
+                        overlap=cfg.val_overlap)(model) for tile in (0, 12)]
+    assert scores[0] == pytest.approx(scores[1], abs=1e-6)
+    short = Validator(frames, 2, model, torch.device("cpu"), backend="torch", tile=12, overlap=2)(model)
+    assert abs(short - scores[0]) > 1e-5  # too little context does show: the comparison above can fail
+    assert model.training  # validation restores the mode
 
 
 # -- training on synthetic pairs -------------------------------------------------------------------------------------
@@ -214,7 +261,8 @@ def test_missing_or_foreign_files_are_user_errors(tiny_pairs, tmp_path):
 
 def test_onnx_validation_runner_matches_pytorch():
     from vs_selftransfer.model import ModelConfig, build_model
-    from selftransfer_trainer.train import OnnxRunner, upscaler
+    from selftransfer_trainer.validate import OnnxRunner
+    from vs_selftransfer.model import torch_runner
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(scale=2, channels=8)).eval()
@@ -226,7 +274,7 @@ def test_onnx_validation_runner_matches_pytorch():
                 p.add_(0.01)
     run = runner(model)
     assert run is not None
-    assert np.max(np.abs(run(x) - upscaler(model, torch.device("cpu"), True)(x))) < 1e-4
+    assert np.max(np.abs(run(x) - torch_runner(model, "cpu", channels_last=True)(x))) < 1e-4
 
 
 # -- training on the shared clip -------------------------------------------------------------------------------------

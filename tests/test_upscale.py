@@ -25,8 +25,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from vs_selftransfer.pipeline import upscale as up
 from selftransfer_trainer.cli import main
+from vs_selftransfer.errors import UserError
+from vs_selftransfer.files import current_umask
+from vs_selftransfer.pipeline import media as mux, process, upscale as up
+from vs_selftransfer.pipeline import options as opts, progress as prog, script as vpy
 
 pytestmark = pytest.mark.skipif(not (shutil.which("ffmpeg") and shutil.which("ffprobe")),
                                 reason="ffmpeg and ffprobe are needed (apt install ffmpeg)")
@@ -136,19 +139,18 @@ def plumbing(monkeypatch):
 
 @pytest.fixture(scope="session")
 def plugin() -> None:
-    """Skip unless vspipe can load core.selftransfer (installed package, or a dev build on the extra path)."""
-    vspipe = up.find_tools().vspipe
+    """Fail unless vspipe can load core.selftransfer (installed package, or a dev build on the extra path)."""
+    vspipe = mux.find_tools().vspipe
     probe_script = Path(os.environ.get("TMPDIR", "/tmp")) / f"selftransfer-plugin-check-{os.getpid()}.vpy"
     probe_script.write_text("import vapoursynth as vs\nvs.core.selftransfer.Version()\n"
                             "vs.core.std.BlankClip(length=1).set_output()\n")
     try:
         done = subprocess.run([vspipe, "--info", str(probe_script), "-"], capture_output=True, text=True,
-                              env=up.vspipe_env(), timeout=120)
+                              env=mux.vspipe_env(), timeout=120)
     finally:
         probe_script.unlink()
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["(no error output)"])[-1]
-        pytest.skip(f"vspipe cannot load the selftransfer VapourSynth plugin: {last}")
+    last = (done.stderr.strip().splitlines() or ["(no error output)"])[-1]
+    assert done.returncode == 0, f"vspipe cannot load the selftransfer VapourSynth plugin: {last}"
 
 
 def run(capsys, *args) -> tuple[int, str]:
@@ -157,7 +159,7 @@ def run(capsys, *args) -> tuple[int, str]:
 
 
 def leftovers(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir() if up.PARTIAL_MARK in p.name)
+    return sorted(p.name for p in directory.iterdir() if process.PARTIAL_MARK in p.name)
 
 
 # -- the script ----------------------------------------------------------------------------------------------
@@ -175,8 +177,8 @@ def _call(tree, dotted: str) -> ast.Call:
 
 def test_script_embeds_paths_safely_and_passes_only_given_options(tmp_path):
     odd = tmp_path / "it's a \"test\" \\ vidéo [1].mp4"
-    options = up.FilterOptions(backend="ort", tilesize=(200, 0), num_streams=2)
-    text = up.build_script(odd, "model.stm", options, model_summary="carn_m, x2")
+    options = opts.FilterOptions(backend="ort", tilesize=(200, 0), num_streams=2)
+    text = vpy.build_script(odd, "model.stm", options, model_summary="carn_m, x2")
     tree = ast.parse(text)
     values = _assignments(tree)
     assert ast.literal_eval(values["SOURCE"]) == str(odd)
@@ -190,23 +192,26 @@ def test_script_embeds_paths_safely_and_passes_only_given_options(tmp_path):
     assert kw["source"] == "SOURCE" and kw["cachemode"] == "1" and kw["cachepath"] == "INDEX_CACHE"
     assert "set_output()" in text and "#   overlap" in text  # the knobs are documented for people who edit it
 
-    plain = ast.parse(up.build_script(odd, "model.stm", up.FilterOptions(), index_cache=False))
+    plain = ast.parse(vpy.build_script(odd, "model.stm", opts.FilterOptions(), index_cache=False))
     assert [k.arg for k in _call(plain, "core.selftransfer.Upscale").keywords] == ["model"]
     kw = {k.arg: ast.unparse(k.value) for k in _call(plain, "core.bs.VideoSource").keywords}
     assert kw == {"source": "SOURCE", "cachemode": "0"}  # the one-shot run writes no index anywhere
 
 
 def test_tilesize_and_option_parsing():
-    assert up._parse_tilesize("256") == (256,)
-    assert up._parse_tilesize("320x0") == (320, 0)
-    assert up.FilterOptions(tilesize=(256,)).plugin_kwargs() == {"tilesize": 256}
+    assert opts._parse_tilesize("256") == (256,)
+    assert opts._parse_tilesize("320x0") == (320, 0)
+    assert opts.FilterOptions(tilesize=(256,)).plugin_kwargs() == {"tilesize": 256}
     for bad in ("abc", "12x", "-5", "1x2x3"):
-        with pytest.raises(up.UserError, match="--tilesize"):
-            up._parse_tilesize(bad)
-    with pytest.raises(up.UserError, match="--num-streams"):
-        up.FilterOptions(num_streams=0).validate()
-    with pytest.raises(up.UserError, match="--device"):
-        up.FilterOptions(device="tpu").validate()
+        with pytest.raises(UserError, match="--tilesize"):
+            opts._parse_tilesize(bad)
+    with pytest.raises(UserError, match="--num-streams"):
+        opts.FilterOptions(num_streams=0).validate()
+    with pytest.raises(UserError, match="--device"):
+        opts.FilterOptions(device="tpu").validate()
+    assert opts.FilterOptions(precision="auto", reuse=0).plugin_kwargs() == {"precision": "auto", "reuse": 0}
+    with pytest.raises(UserError, match="--reuse"):
+        opts.FilterOptions(reuse=2).validate()
 
 
 def test_script_command_prints_or_writes(media, tiny_bundle, tmp_path, capsys):
@@ -218,17 +223,19 @@ def test_script_command_prints_or_writes(media, tiny_bundle, tmp_path, capsys):
     out = tmp_path / "up.vpy"
     assert run(capsys, "script", media.small, "--model", tiny_bundle, "-o", out, "--backend", "ort")[0] == 0
     assert out.read_text() == captured.out
+    assert out.stat().st_mode & 0o777 == 0o666 & ~current_umask()
     rc, err = run(capsys, "script", media.small, "--model", tiny_bundle, "-o", out, "--tilesize", "64")
     assert rc == 2 and "already exists" in err and out.read_text() == captured.out
-    assert run(capsys, "script", media.small, "--model", tiny_bundle, "-o", out, "--force", "--tilesize", "64")[0] == 0
-    assert "tilesize=64" in out.read_text()
+    assert run(capsys, "script", media.small, "--model", tiny_bundle, "-o", out, "--force", "--tilesize", "64",
+               "--reuse", "0")[0] == 0
+    assert "tilesize=64, reuse=0)" in out.read_text()
     rc, err = run(capsys, "script", media.small, "--model", tmp_path / "nope.stm")
     assert rc == 2 and "not found" in err
 
 
 def test_script_evaluates_in_vspipe_without_writing_beside_the_video(plugin, media, tiny_bundle, tmp_path, capsys):
-    vspipe = up.find_tools().vspipe
-    env = {**up.vspipe_env(), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    vspipe = mux.find_tools().vspipe
+    env = {**mux.vspipe_env(), "XDG_CACHE_HOME": str(tmp_path / "cache")}
     before = sorted(os.listdir(media.dir))
     for video, fmt in ((media.small, "YUV420P8"), (media.gray, "Gray8")):
         script = tmp_path / f"{video.stem}.vpy"
@@ -263,19 +270,40 @@ def test_ten_bit_stays_ten_bit(plugin, media, tiny_bundle, tmp_path, capsys):
     assert (video["width"], video["height"], video["pix_fmt"]) == (640, 360, "yuv420p10le")
 
 
-def test_frames_failing_in_the_plugin_leave_no_output(plugin, media, tiny_bundle, tmp_path, capsys):
-    """A bundle whose manifest says x3 around an x2 graph: valid as a file, but every frame fails in the filter."""
-    from vs_selftransfer.bundle import MANIFEST, Bundle, write_bundle
+FAILING_RUNTIME = """\
+import vs_selftransfer.runtime as runtime
 
-    tiny = Bundle.open(tiny_bundle)
-    manifest = {k: v for k, v in tiny.manifest.items() if k != "members"}
-    manifest["scale"] = 3
-    manifest["model_config"] = {**manifest["model_config"], "scale": 3}
-    bundle = tmp_path / "lies_about_scale.stm"
-    write_bundle(bundle, manifest, {name: tiny.member(name) for name in tiny.manifest["members"] if name != MANIFEST})
+_real, _calls = runtime.tiled_upscale, iter(range(1 << 62))
+
+
+def _failing(*args, **kwargs):  # a backend that breaks from the 5th frame on, inside the real filter
+    if next(_calls) >= 4:
+        raise RuntimeError("injected backend failure")
+    return _real(*args, **kwargs)
+
+
+runtime.tiled_upscale = _failing
+"""
+
+
+def test_frames_failing_in_the_plugin_leave_no_output(plugin, media, tiny_bundle, tmp_path, capsys, monkeypatch):
+    """The real filter fails on frames mid-stream (its runtime raises, as a broken backend would; vspipe's Python
+    loads the failure through a sitecustomize): vspipe fails with the filter's message and nothing is left."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(FAILING_RUNTIME)
+    real_env = up.vspipe_env
+
+    def failing_env():
+        env = real_env()
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hook), env.get("PYTHONPATH")]))
+        return env
+
+    monkeypatch.setattr(up, "vspipe_env", failing_env)
     out = tmp_path / "out.mkv"
-    rc, err = run(capsys, "upscale", media.small, "-o", out, "--model", bundle, "--backend", "ort")
+    rc, err = run(capsys, "upscale", media.small, "-o", out, "--model", tiny_bundle, "--backend", "ort")
     assert rc == 1 and "vspipe failed" in err and "selftransfer.Upscale" in err, err
+    assert "injected backend failure" in err, err
     assert not out.exists() and leftovers(tmp_path) == []
 
 
@@ -368,16 +396,113 @@ def test_force_replaces_existing_output(plumbing, media, tiny_bundle, tmp_path, 
     assert int(streams_of(out)[0]["nb_read_packets"]) == FRAMES
 
 
-def test_two_runs_for_one_output_do_not_clobber_each_other(plumbing, media, tiny_bundle, tmp_path, capsys):
+@pytest.fixture(params=["unnamed", "named"])
+def partial_kind(request, monkeypatch) -> str:
+    """Both kinds of partial file: Linux's unnamed one (O_TMPFILE), and the mkstemp name used where there is none."""
+    if request.param == "named":
+        monkeypatch.setattr(process, "_open_unnamed", lambda directory_fd: None)
+    else:
+        folder = os.open(tempfile.gettempdir(), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fd = process._open_unnamed(folder)
+        finally:
+            os.close(folder)
+        if fd is None:
+            pytest.skip("no O_TMPFILE (or no /proc) here")
+        os.close(fd)
+    return request.param
+
+
+def test_an_output_that_appears_during_the_encode_is_kept_without_force(partial_kind, plumbing, media, tiny_bundle,
+                                                                         tmp_path, capsys):
     out = tmp_path / "out.mkv"
-    first = up._PartialFile(out)  # what a running upscale holds
+    first = process.PartialFile(out, force=False)  # a run that started while OUT did not exist yet
     try:
-        rc, err = run(capsys, "upscale", media.small, "-o", out, "--model", tiny_bundle)
-        assert rc == 2 and "another selftransfer upscale is writing it" in err
-        assert first.path.exists() and not out.exists()
+        rc, err = run(capsys, "upscale", media.small, "-o", out, "--model", tiny_bundle)  # a second one ends first
+        assert rc == 0, err
+        finished = out.read_bytes()
+        os.write(first.fd, b"the first run's encode")
+        with pytest.raises(UserError, match="--output .*appeared while this run was encoding.*--force"):
+            first.commit()
+        assert out.read_bytes() == finished
     finally:
         first.close()
-    assert leftovers(tmp_path) == []
+    forced = process.PartialFile(out, force=True)
+    try:
+        os.write(forced.fd, b"forced")
+        forced.commit()
+    finally:
+        forced.close()
+    assert out.read_bytes() == b"forced" and not out.is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.mkv"]
+
+
+def test_named_partial_file_on_a_file_system_without_hard_links(monkeypatch, tmp_path):
+    """FAT and exFAT have neither O_TMPFILE nor hard links: the named partial file is renamed, still never over an
+    OUT that appeared meanwhile unless --force."""
+    import errno
+
+    def no_links(*args, **kwargs):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(process, "_open_unnamed", lambda directory_fd: None)
+    monkeypatch.setattr(process.os, "link", no_links)
+    out = tmp_path / "out.mkv"
+    for expected, force in ((b"first", False), (b"first", False), (b"forced", True)):
+        partial = process.PartialFile(out, force=force)
+        try:
+            os.write(partial.fd, b"forced" if force else b"first")
+            if out.exists() and not force:
+                with pytest.raises(UserError, match="appeared while this run was encoding"):
+                    partial.commit()
+            else:
+                partial.commit()
+        finally:
+            partial.close()
+        assert out.read_bytes() == expected and leftovers(tmp_path) == []
+
+
+def test_planted_symlinks_and_look_alike_names_are_never_written(partial_kind, plumbing, media, tiny_bundle,
+                                                                 tmp_path, capsys):
+    """Nothing that exists before the run is written, truncated or removed: not a symlink at the partial file's old
+    fixed name, not a file that happens to carry that name, not the target of a symlink at OUT."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "out.mkv"
+    old_name = tmp_path / f".out.mkv{process.PARTIAL_MARK}.mkv"  # where ffmpeg once wrote
+    old_name.symlink_to(victim)
+    rc, err = run(capsys, "upscale", media.small, "-o", out, "--model", tiny_bundle)
+    assert rc == 0, err
+    assert victim.read_text() == "precious" and old_name.is_symlink() and os.readlink(old_name) == str(victim)
+    assert out.is_file() and not out.is_symlink() and int(streams_of(out)[0]["nb_read_packets"]) == FRAMES
+    assert out.stat().st_mode & 0o777 == 0o666 & ~current_umask()  # the user's normal mode, not a temp file's 0600
+
+    # A failing run with the symlink in place: the victim still stands.
+    plumbing["fail_at"] = 3
+    rc, err = run(capsys, "upscale", media.small, "-o", tmp_path / "failed.mkv", "--model", tiny_bundle)
+    assert rc == 1 and victim.read_text() == "precious" and old_name.is_symlink()
+    plumbing.clear()
+
+    # OUT itself a symlink: refused without --force; with it, the link is replaced and its target kept.
+    linked = tmp_path / "linked.mkv"
+    linked.symlink_to(victim)
+    rc, err = run(capsys, "upscale", media.small, "-o", linked, "--model", tiny_bundle)
+    assert rc == 2 and "--output" in err and "already exists" in err
+    assert run(capsys, "upscale", media.small, "-o", linked, "--model", tiny_bundle, "--force")[0] == 0
+    assert victim.read_text() == "precious" and linked.is_file() and not linked.is_symlink()
+    dangling = tmp_path / "dangling.mkv"
+    dangling.symlink_to(tmp_path / "nowhere.mkv")
+    rc, err = run(capsys, "upscale", media.small, "-o", dangling, "--model", tiny_bundle)
+    assert rc == 2 and "already exists" in err and not (tmp_path / "nowhere.mkv").exists()
+
+    # The input video carries the partial file's old name.
+    source = tmp_path / f".again.mkv{process.PARTIAL_MARK}.mkv"
+    shutil.copy(media.small, source)
+    before = source.read_bytes()
+    rc, err = run(capsys, "upscale", source, "-o", tmp_path / "again.mkv", "--model", tiny_bundle)
+    assert rc == 0, err
+    assert source.read_bytes() == before
+    assert leftovers(tmp_path) == sorted([old_name.name, source.name])  # the planted ones, untouched
 
 
 # -- bad input ------------------------------------------------------------------------------------------------
@@ -403,7 +528,7 @@ def _bad_cases(media, bundle: Path, tmp: Path):
         "empty file": ([media.empty, "-o", out, *ok], "empty", out),
         "truncated video": ([media.truncated, "-o", out, *ok], "", out),
         "missing model": ([media.small, "-o", out, "--model", tmp / "missing.stm"], "not found", out),
-        "corrupt model": ([media.small, "-o", out, "--model", corrupt], "corrupt.stm", out),
+        "corrupt model": ([media.small, "-o", out, "--model", corrupt], f"--model {corrupt}", out),
         "truncated model": ([media.small, "-o", out, "--model", truncated], "truncated.stm", out),
         "output exists": ([media.small, "-o", existing, *ok], "already exists", None),
         "output folder missing": ([media.small, "-o", tmp / "no" / "out.mkv", *ok], "does not exist",
@@ -421,7 +546,7 @@ def _bad_cases(media, bundle: Path, tmp: Path):
         "unparsable ffmpeg args": ([media.small, "-o", out, *ok, "--ffmpeg-args", "-metadata 'x"],
                                    "--ffmpeg-args", out),
         "bad tilesize": ([media.small, "-o", out, *ok, "--tilesize", "big"], "--tilesize", out),
-        "output is the input": ([media.small, "-o", media.small, *ok, "--force"], "is the input video", None),
+        "output is the input": ([media.small, "-o", media.small, *ok, "--force"], "is the input", None),
     }
 
 
@@ -487,14 +612,22 @@ def _alive(pid: int) -> bool:
     return state != "Z"  # a zombie has exited; only its (new) parent has not reaped it yet
 
 
+def _default_termination_signals() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def _start_slow_upscale(media, bundle, out: Path):
     """A real ``selftransfer upscale`` process, slowed to 0.5 s a frame, once frames flow through the pipeline.
     Returns the process, its children (vspipe, ffmpeg) and the list its stderr lines are collected in."""
     import threading
 
     code = SLOW_UPSCALE.format(tests=str(Path(__file__).parent))
+    # The child gets SIGINT and SIGTERM at their default disposition, as an interactive shell would start it: a suite
+    # run as a background job (`nohup pytest ... &`) inherits SIGINT ignored, and Python then never turns it into
+    # KeyboardInterrupt.
     proc = subprocess.Popen([sys.executable, "-c", code, "upscale", str(media.small), "-o", str(out), "--model",
-                             str(bundle)], stderr=subprocess.PIPE, text=True)
+                             str(bundle)], stderr=subprocess.PIPE, text=True, preexec_fn=_default_termination_signals)
     err: list[str] = []
     threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True).start()
     deadline = time.monotonic() + 120
@@ -502,8 +635,20 @@ def _start_slow_upscale(media, bundle, out: Path):
         assert proc.poll() is None, "".join(err)
         assert time.monotonic() < deadline, "the pipeline did not start"
         time.sleep(0.05)
-    assert up.partial_path(out).exists()
-    return proc, _children(proc.pid), err
+    children = _children(proc.pid)
+    assert any(_writes_in(child, out.parent) for child in children), "ffmpeg writes no file in OUT's folder"
+    return proc, children, err
+
+
+def _writes_in(pid: int, folder: Path) -> bool:
+    """Whether the process has a file in ``folder`` open (ffmpeg's partial file, named or not)."""
+    links = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            links.append(os.readlink(fd))
+        except OSError:
+            pass
+    return any(os.path.dirname(link) == str(folder) for link in links)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and PR_SET_PDEATHSIG")
@@ -517,13 +662,13 @@ def test_sigkill_leaves_no_output_and_no_orphans(media, tiny_bundle, tmp_path, c
         time.sleep(0.05)
     assert not any(_alive(c) for c in children), "vspipe/ffmpeg outlived a SIGKILLed selftransfer"
     assert not out.exists()
-    assert leftovers(tmp_path) == [up.partial_path(out).name]  # obviously unfinished, and...
+    assert list(tmp_path.iterdir()) == []  # the partial file had no name: it went with the process
     scratch = list(Path(tempfile.gettempdir()).glob(f"{up.SCRATCH_PREFIX}{proc.pid}-*"))
     assert scratch  # the killed run's temp folder (its .vpy)...
     rc, err = run(capsys, "upscale", media.small, "-o", out, "--model", tiny_bundle)
     assert rc == 0, err
-    assert leftovers(tmp_path) == [] and int(streams_of(out)[0]["nb_read_packets"]) == FRAMES  # ...cleaned up
-    assert not any(p.exists() for p in scratch)
+    assert leftovers(tmp_path) == [] and int(streams_of(out)[0]["nb_read_packets"]) == FRAMES
+    assert not any(p.exists() for p in scratch)  # ...is cleaned up by the next run
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")
@@ -544,11 +689,11 @@ def test_vspipe_progress_parsing_across_chunk_boundaries():
     stream = SimpleNamespace(write=lambda s: None, flush=lambda: None, isatty=lambda: False)
     lines = []
     stream.write = lines.append
-    progress = up.Progress(total=None, stream=stream)
+    progress = prog.Progress(total=None, stream=stream)
     tail = collections.deque(maxlen=10)
     chunks = ["Information: VideoSource track #0 index pro", "gress 40%\nScript evaluation done in 0.1 seconds\n",
               "Frame: 1/12\rFra", "me: 5/12\r", "Output 12 frames in 1.00 seconds (12.00 fps)\nError: boom\n"]
-    up.parse_vspipe_stderr(iter(chunks), progress, tail)
+    prog.parse_vspipe_stderr(iter(chunks), progress, tail)
     assert (progress.done, progress.total) == (12, 12)
     assert list(tail) == ["Script evaluation done in 0.1 seconds", "Error: boom"]
     assert any("frames 12/12 (100%)" in line for line in lines)
@@ -559,25 +704,25 @@ def test_blame_goes_to_the_process_that_failed_by_itself():
         return SimpleNamespace(returncode=code, pid=pid)
 
     vs_tail, ff_tail = ["vspipe says"], ["ffmpeg says"]
-    with pytest.raises(up.PipelineError, match="ffmpeg failed"):  # ffmpeg died; vspipe then got SIGPIPE
-        up._raise_on_failure(proc(-signal.SIGPIPE, 1), proc(1, 2), vs_tail, ff_tail, set())
+    with pytest.raises(process.PipelineError, match="ffmpeg failed"):  # ffmpeg died; vspipe then got SIGPIPE
+        process._raise_on_failure(proc(-signal.SIGPIPE, 1), proc(1, 2), vs_tail, ff_tail, set())
     broken = ["Error: fwrite() call failed when writing video plane 0, errno: 32, frame: 3"]
-    with pytest.raises(up.PipelineError, match="ffmpeg failed"):  # the same with SIGPIPE ignored
-        up._raise_on_failure(proc(1, 1), proc(1, 2), broken, ff_tail, set())
-    with pytest.raises(up.PipelineError, match="vspipe failed"):  # the script failed; ffmpeg saw no input
-        up._raise_on_failure(proc(1, 1), proc(1, 2), vs_tail, ff_tail, set())
-    with pytest.raises(up.PipelineError, match="vspipe failed.*\n.*vspipe says"):  # we killed ffmpeg after
-        up._raise_on_failure(proc(1, 1), proc(-9, 2), vs_tail, ff_tail, {2})
-    with pytest.raises(up.PipelineError, match="ffmpeg failed"):  # ffmpeg failed, we killed vspipe after
-        up._raise_on_failure(proc(-9, 1), proc(1, 2), vs_tail, ff_tail, {1})
-    up._raise_on_failure(proc(0, 1), proc(0, 2), vs_tail, ff_tail, set())
+    with pytest.raises(process.PipelineError, match="ffmpeg failed"):  # the same with SIGPIPE ignored
+        process._raise_on_failure(proc(1, 1), proc(1, 2), broken, ff_tail, set())
+    with pytest.raises(process.PipelineError, match="vspipe failed"):  # the script failed; ffmpeg saw no input
+        process._raise_on_failure(proc(1, 1), proc(1, 2), vs_tail, ff_tail, set())
+    with pytest.raises(process.PipelineError, match="vspipe failed.*\n.*vspipe says"):  # we killed ffmpeg after
+        process._raise_on_failure(proc(1, 1), proc(-9, 2), vs_tail, ff_tail, {2})
+    with pytest.raises(process.PipelineError, match="ffmpeg failed"):  # ffmpeg failed, we killed vspipe after
+        process._raise_on_failure(proc(-9, 1), proc(1, 2), vs_tail, ff_tail, {1})
+    process._raise_on_failure(proc(0, 1), proc(0, 2), vs_tail, ff_tail, set())
 
 
 def test_ffmpeg_command_and_colour_tags(tmp_path):
-    streams = up.SourceStreams(video={"index": 1, "start_time": "0.250", "tags": {"language": "jpn"}},
+    streams = mux.SourceStreams(video={"index": 1, "start_time": "0.250", "tags": {"language": "jpn"}},
                                audio=[{"index": 0}], subtitles=[], attachments=[], start_time=0.0)
-    plan = up.StreamPlan(maps=["-map", "0:0"], codec_args=[], warnings=[])
-    cmd = up.build_ffmpeg_command("ffmpeg", Path("in.mp4"), Path(".out.mkv.partial.mkv"), muxer="matroska",
+    plan = mux.StreamPlan(maps=["-map", "0:0"], codec_args=[], warnings=[])
+    cmd = mux.build_ffmpeg_command("ffmpeg", Path("in.mp4"), Path(".out.mkv.partial.mkv"), muxer="matroska",
                                   video_args=["-c:v", "libx264"], streams=streams, plan=plan, extra=["-g", "48"])
     joined = " ".join(cmd)
     assert "-itsoffset 0.250000 -f yuv4mpegpipe -i pipe:0 -i in.mp4 -map 0:v:0 -map 1:0" in joined
@@ -585,7 +730,7 @@ def test_ffmpeg_command_and_colour_tags(tmp_path):
     assert cmd[-4:] == ["-f", "matroska", "-y", ".out.mkv.partial.mkv"]  # the muxer never comes from the name
     assert joined.index("-c:v libx264") < joined.index("-g 48")  # user options come after ours and win
     sd_untagged = {"width": 640, "height": 360}
-    assert up.color_args(sd_untagged, 1280, 720) == ["-colorspace", "smpte170m"]
-    assert up.color_args(sd_untagged, 960, 540) == []
-    assert up.color_args({"width": 640, "height": 360, "color_space": "bt709", "color_range": "tv"}, 1280, 720) \
+    assert mux.color_args(sd_untagged, 1280, 720) == ["-colorspace", "smpte170m"]
+    assert mux.color_args(sd_untagged, 960, 540) == []
+    assert mux.color_args({"width": 640, "height": 360, "color_space": "bt709", "color_range": "tv"}, 1280, 720) \
         == ["-color_range", "tv", "-colorspace", "bt709"]

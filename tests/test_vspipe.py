@@ -131,3 +131,25 @@ def test_vspipe_fails_at_evaluation_on_a_gray_clip(script, plugin_path, generic_
     assert done.returncode != 0
     assert b"selftransfer.Upscale: clip: Gray8 is not supported" in done.stderr
     assert not done.stdout  # nothing written
+
+
+def test_python_helper_takes_exactly_the_plugins_arguments(plugin_path, tiny_bundle):
+    """vs_selftransfer.upscale() mirrors core.selftransfer.Upscale: the same keyword arguments (so a new plugin
+    argument cannot be missing from it), and each reaches the plugin (``reuse`` shown by its own range check)."""
+    import inspect
+
+    import vs_selftransfer
+
+    core = vs.core
+    registered = [a.split(":")[0] for a in core.selftransfer.Upscale.signature.split(";") if a]
+    helper = list(inspect.signature(vs_selftransfer.upscale).parameters)
+    assert helper == registered, (helper, registered)
+    blank = core.std.BlankClip(format=vs.RGBS, width=W, height=H, length=3, color=[0.2, 0.5, 0.7])
+    outputs = [vs_selftransfer.upscale(blank, tiny_bundle, backend="ort", reuse=reuse) for reuse in (False, True, 1)]
+    for n in range(3):  # identical frames: reuse returns the stored output, which is what the network computes
+        frames = [clip.get_frame(n) for clip in outputs]
+        for other in frames[1:]:
+            for p in range(3):
+                assert np.array_equal(np.asarray(frames[0][p]), np.asarray(other[p]))
+    with pytest.raises(vs.Error, match="reuse"):
+        vs_selftransfer.upscale(blank, tiny_bundle, backend="ort", reuse=2)

@@ -17,9 +17,11 @@ COMMANDS = {
     "export": ("selftransfer_trainer.export", "export a checkpoint as a model bundle (.stm)"),
     "fit": ("selftransfer_trainer.fit", "all of the above: VIDEO -> MODEL.stm"),
     "eval": ("selftransfer_trainer.evaluation.evaluate", "prove it: bicubic vs generic vs self-transfer on unseen frames"),
-    "script": ("vs_selftransfer.pipeline.upscale", "print a ready .vpy that upscales a video with a bundle"),
+    "script": ("vs_selftransfer.pipeline.script", "print a ready .vpy that upscales a video with a bundle"),
     "upscale": ("vs_selftransfer.pipeline.upscale", "upscale a video with a bundle: vspipe | ffmpeg, keeping audio/subtitles"),
     "info": ("selftransfer_trainer.export", "show a bundle's manifest after validating it"),
+    "experiment": ("selftransfer_trainer.experiment",
+                   "check the source setting on any HD clip: downscale it, fit on that alone, score against it"),
     "demo": ("selftransfer_trainer.demo", "fit, evaluate and upscale the bundled sample clip (Big Buck Bunny)"),
 }
 

@@ -182,8 +182,10 @@ def _round_uint8(x: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------------- x264
 
-def x264_roundtrip(lr: np.ndarray, crf: int = 23) -> np.ndarray:
+def x264_roundtrip(lr: np.ndarray, crf: int = 23, with_qp: bool = False):
     """Encode one RGB uint8 frame with libx264 (yuv420p, CRF ``crf``) and decode it back to RGB uint8.
+    ``with_qp``: return (rgb, mean QP over the frame's macroblocks) instead (``trainer.source`` matches a
+    source's quantiser with it).
 
     yuv420p needs even sides: an odd row/column is replicated from the edge before encoding and cut off after,
     so the output has the input's shape. RGB<->YUV uses BT.601 limited range both ways (the conversion itself
@@ -206,6 +208,8 @@ def x264_roundtrip(lr: np.ndarray, crf: int = 23) -> np.ndarray:
     yuv.pts = 0
     packets = list(enc.encode(yuv)) + list(enc.encode(None))
     dec = av.CodecContext.create("h264", "r")
+    if with_qp:
+        dec.options = {"export_side_data": "venc_params"}
     decoded = []
     for packet in packets:
         decoded.extend(dec.decode(packet))
@@ -213,7 +217,12 @@ def x264_roundtrip(lr: np.ndarray, crf: int = 23) -> np.ndarray:
     if len(decoded) != 1:
         raise RuntimeError(f"x264 round trip produced {len(decoded)} frames instead of 1")
     rgb = decoded[0].reformat(format="rgb24", src_colorspace="ITU601", src_color_range="MPEG").to_ndarray()
-    return np.ascontiguousarray(rgb[:h, :w])
+    rgb = np.ascontiguousarray(rgb[:h, :w])
+    if with_qp:
+        from selftransfer_trainer.source import frame_qp
+
+        return rgb, frame_qp(decoded[0])
+    return rgb
 
 
 def _check_scale(scale) -> None:

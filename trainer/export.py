@@ -21,29 +21,24 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from vs_selftransfer.model import CARN, ModelConfig, build_model, load_state, official_to_single_scale
-from vs_selftransfer.bundle import MEMBERS, Bundle, check_onnx, write_bundle
+from vs_selftransfer import backend_trt
+from vs_selftransfer.backend_ort import make_session, session_runner
+from vs_selftransfer.graph_check import CHECK_SHAPES, GraphCheckError, check_graph, check_image
+from vs_selftransfer.model import CARN, ModelConfig, build_model, load_state, official_to_single_scale, torch_runner
+from vs_selftransfer.bundle import (MEMBERS, PROBE_SIDE, Bundle, check_onnx, check_probe_output, make_probe,
+                                    printable, probe_as_float, write_bundle)
 
 ONNX_OPSET = 18
-# Export-time check: every fp32 graph must reproduce the eager model to this max absolute difference.
+# Export-time check: every fp32 graph must reproduce the eager model to this max absolute difference (the TensorRT
+# fp16 engine to backend_trt.TRT_FP16_TOLERANCE).
 CHECK_TOLERANCE = 1e-4
-# A TensorRT fp16 engine cannot meet the fp32 bound: fp16 has an 11-bit mantissa (about 5e-4 relative on values
-# near 1) and the error accumulates over CARN-M's ~40 convolutions. 2e-2 is about 5 levels of 8-bit output: it
-# catches a broken engine (wrong weights, wrong layout, garbage) while accepting honest half-precision rounding.
-TRT_FP16_TOLERANCE = 2e-2
-# Check inputs: one odd non-square size (catches padding/stride mistakes) and one square size with a batch of 2
-# (the ONNX graph and TorchScript module claim a dynamic batch).
-CHECK_SHAPES = ((1, 3, 37, 53), (2, 3, 64, 64))
 # The largest LR side the ONNX graph declares: 8K input, far beyond any tile.
 MAX_SIDE = 8192
-# TensorRT engine profile (LR input, NCHW): from small tiles to a whole 1080p frame, tuned for whole 1080p frames.
-TRT_SHAPES = {"min": (1, 3, 16, 16), "opt": (1, 3, 1080, 1920), "max": (1, 3, 1088, 1920)}
 # Manifest fields that export_bundle writes itself; ``extra`` may not override them.
 RESERVED = ("format", "format_version", "arch", "scale", "model_config", "input", "members", "created", "versions",
-            "tensorrt", "export_checks")
+            "tensorrt", "export_checks", "probe")
 
 
 class ExportCheckError(RuntimeError):
@@ -55,7 +50,7 @@ class ExportCheckError(RuntimeError):
 # --------------------------------------------------------------------------------------------------------------
 def export_bundle(model: CARN, path: str | os.PathLike, *, extra: dict | None = None, torchscript: bool = True,
                   tensorrt: bool | str = "auto", check: bool = True, trt_shapes: dict | None = None,
-                  int8: dict | None = None) -> dict:
+                  int8: dict | None = None, val: list | None = None) -> dict:
     """Write a complete bundle for ``model`` to ``path`` (atomically) and return its manifest.
 
     ``extra``: more manifest fields (source, frames, degradation, train_config, validation, ...), JSON values.
@@ -63,11 +58,13 @@ def export_bundle(model: CARN, path: str | os.PathLike, *, extra: dict | None = 
     otherwise) or False. ``check``: run every exported graph against the eager model and refuse to write a bundle
     whose graphs differ by more than CHECK_TOLERANCE (TRT_FP16_TOLERANCE for the fp16 engine).
     ``int8``: {"calib": [LR frames], "val": [(LR, HR) pairs]} (RGB uint8 HWC) to calibrate a per-video int8 graph
-    (trainer.quantize); it is shipped only when its measured loss is within the budget, and the decision is
+    (selftransfer_trainer.quantize); it is shipped only when its measured loss is within the budget, and the decision is
     recorded in the manifest's ``precision.int8`` either way.
+    ``val``: held-out (LR, HR) pairs (RGB uint8 HWC; default: ``int8``'s) on which the bf16 loss is measured and
+    recorded as ``precision.bf16`` (selftransfer_trainer.precision), which gates the runtime's bf16.
     """
     if not isinstance(model, CARN):
-        raise TypeError(f"model must be a trainer.model CARN/CARN-M network, not {type(model).__name__}")
+        raise TypeError(f"model must be a vs_selftransfer.model CARN/CARN-M network, not {type(model).__name__}")
     if tensorrt not in ("auto", True, False):
         raise ValueError(f"tensorrt must be 'auto', True or False, not {tensorrt!r}")
     if not isinstance(torchscript, bool) or not isinstance(check, bool):
@@ -78,9 +75,9 @@ def export_bundle(model: CARN, path: str | os.PathLike, *, extra: dict | None = 
         raise IsADirectoryError(f"output path is a directory: {path}")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"output directory does not exist: {path.parent}")
-    shapes = _check_trt_shapes(trt_shapes or TRT_SHAPES)
-    build_trt = tensorrt is True or (tensorrt == "auto" and tensorrt_unavailable() is None)
-    if tensorrt is True and (reason := tensorrt_unavailable()):
+    shapes = _check_trt_shapes(trt_shapes or backend_trt.TRT_SHAPES)
+    build_trt = tensorrt is True or (tensorrt == "auto" and backend_trt.available() is None)
+    if tensorrt is True and (reason := backend_trt.available()):
         raise RuntimeError(f"a TensorRT engine was required but cannot be built: {reason}")
 
     # Work on a private fp32 CPU copy: the caller's model keeps its device, dtype and train/eval mode.
@@ -89,23 +86,25 @@ def export_bundle(model: CARN, path: str | os.PathLike, *, extra: dict | None = 
     checks: dict[str, float] = {}
     members = {"weights.safetensors": weights_bytes(model), "model.onnx": onnx_bytes(model)}
     check_onnx(members["model.onnx"], "exported model.onnx")
+    eager = torch_runner(model, "cpu", channels_last=False)
     if check:
-        checks["model.onnx"] = _check_graph("model.onnx", lambda: _onnx_runner(members["model.onnx"]), model,
+        checks["model.onnx"] = _check_graph("model.onnx", lambda: _onnx_runner(members["model.onnx"]), eager,
                                             CHECK_TOLERANCE)
     if torchscript:
         members["model.ts"] = torchscript_bytes(model)
         if check:
-            checks["model.ts"] = _check_graph("model.ts", lambda: _torchscript_runner(members["model.ts"]), model,
+            checks["model.ts"] = _check_graph("model.ts", lambda: _torchscript_runner(members["model.ts"]), eager,
                                               CHECK_TOLERANCE)
     trt_info = None
     if build_trt:
-        members["model.trt.ts"], trt_info = tensorrt_bytes(model, shapes)
+        members["model.trt.ts"], trt_info = backend_trt.tensorrt_bytes(model, shapes)
         if check:
-            checks["model.trt.ts"] = _check_graph("model.trt.ts", lambda: _tensorrt_runner(members["model.trt.ts"]),
-                                                  model, TRT_FP16_TOLERANCE, shapes=trt_check_shapes(shapes))
+            checks["model.trt.ts"] = _check_graph(
+                "model.trt.ts", lambda: backend_trt.engine_runner(members["model.trt.ts"]), eager,
+                backend_trt.TRT_FP16_TOLERANCE, shapes=backend_trt.trt_check_shapes(shapes))
             trt_info["check_max_abs_diff"] = checks["model.trt.ts"]
 
-    precision = None
+    precision = {}
     if int8 is not None:
         from selftransfer_trainer.quantize import quantize_for_video
 
@@ -113,7 +112,12 @@ def export_bundle(model: CARN, path: str | os.PathLike, *, extra: dict | None = 
         if data is not None:
             check_onnx(data, "calibrated model.int8.onnx")
             members["model.int8.onnx"] = data
-        precision = {"int8": report}
+        precision["int8"] = report
+    val = val if val is not None else (int8 or {}).get("val")
+    if val:
+        from selftransfer_trainer.precision import measure_bf16
+
+        precision["bf16"] = measure_bf16(members["model.onnx"], val, cfg.scale)
 
     manifest = {
         "arch": cfg.arch,
@@ -129,9 +133,10 @@ def export_bundle(model: CARN, path: str | os.PathLike, *, extra: dict | None = 
         manifest["tensorrt"] = trt_info
     if precision:
         manifest["precision"] = precision
+    manifest["probe"] = probe_block(model, members, cfg.scale)
     write_bundle(path, manifest, members)
     # Read it back through the one reader the runtime uses: what we return is what every consumer will see.
-    return Bundle.open(path).manifest
+    return Bundle.open(path).verify().manifest
 
 
 def weights_bytes(model: CARN) -> bytes:
@@ -173,152 +178,56 @@ def torchscript_bytes(model: CARN) -> bytes:
     return buf.getvalue()
 
 
-def tensorrt_unavailable() -> str | None:
-    """None when a TensorRT engine can be built here, else why not."""
-    if not torch.cuda.is_available():
-        return "no CUDA device is available"
-    try:
-        import torch_tensorrt  # noqa: F401
-    except ImportError:
-        return "torch-tensorrt is not installed (pip install 'selftransfer[tensorrt]')"
-    except Exception as e:  # noqa: BLE001 - a broken CUDA/TensorRT install fails in many ways at import
-        return f"torch-tensorrt does not import: {e}"
-    return None
-
-
-def tensorrt_bytes(model: CARN, shapes: dict, precision: str = "fp16",
-                   device: "torch.device | None" = None) -> tuple[bytes, dict]:
-    """A TensorRT engine for the input range ``shapes`` (min/opt/max; all equal for a static engine), wrapped in
-    TorchScript, and the facts that tie it to this machine (GPU, TensorRT version, shapes, precision).
-
-    For fp16 the model is cast to half before compiling, so the engine is fp16 by construction whatever TensorRT's
-    typing mode (strong typing is the default from TensorRT 10); its input and output are then float16.
-    """
-    import tempfile
-
-    import torch_tensorrt
-
-    if precision not in ("fp16", "fp32"):
-        raise ValueError(f"TensorRT engines are built in fp16 or fp32, not {precision!r}")
-    dtype = torch.half if precision == "fp16" else torch.float32
-    device = device or torch.device("cuda", torch.cuda.current_device())
-    net = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
-    spec = torch_tensorrt.Input(min_shape=shapes["min"], opt_shape=shapes["opt"], max_shape=shapes["max"],
-                                dtype=dtype)
-    with torch.no_grad(), torch.cuda.device(device):
-        compiled = torch_tensorrt.compile(net, ir="dynamo", inputs=[spec], enabled_precisions={dtype},
-                                          min_block_size=1, use_python_runtime=False)
-        example = torch.rand(shapes["opt"], device=device, dtype=dtype)
-        with tempfile.TemporaryDirectory() as tmp, _quiet():
-            file = os.path.join(tmp, "model.trt.ts")
-            torch_tensorrt.save(compiled, file, output_format="torchscript", arg_inputs=[example])
-            data = Path(file).read_bytes()
-    major, minor = torch.cuda.get_device_capability(device)
-    info = {
-        "precision": precision,
-        "input_dtype": "float16" if precision == "fp16" else "float32",
-        "min_shape": list(shapes["min"]),
-        "opt_shape": list(shapes["opt"]),
-        "max_shape": list(shapes["max"]),
-        "torch_tensorrt": _version_of("torch-tensorrt"),
-        "tensorrt": _version_of("tensorrt"),
-        "cuda": torch.version.cuda,
-        "gpu": torch.cuda.get_device_name(device),
-        "compute_capability": f"{major}.{minor}",
-    }
-    return data, info
-
-
 # -- checks ----------------------------------------------------------------------------------------------------
-def check_input(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
-    """A deterministic image-like input in [0, 1]: smooth gradients, edges and a little noise (real content has all
-    three; pure noise alone would exercise only one regime of the network)."""
-    g = torch.Generator().manual_seed(seed)
-    n, c, h, w = shape
-    yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
-    base = torch.stack([xx, yy, (xx + yy) / 2])[:c]
-    edges = ((torch.sin(xx * 23) * torch.cos(yy * 17)) > 0).float()
-    img = 0.6 * base + 0.3 * edges + 0.1 * torch.rand(n, c, h, w, generator=g)
-    return img.clamp(0, 1).contiguous()
+# The probe's input: check_image's gradients, edges and noise at PROBE_SIDE x PROBE_SIDE, in 8-bit steps.
+PROBE_SEED = 20261201
 
 
-def trt_check_shapes(shapes: dict) -> list[tuple[int, ...]]:
-    """Check shapes inside an engine's profile: its smallest shape and an odd one near 37x53 (clamped to the range)."""
-    lo, hi = shapes["min"], shapes["max"]
-    odd = tuple(min(hi[i], max(lo[i], v)) for i, v in enumerate((1, 3, 37, 53)))
-    return [tuple(lo)] if odd == tuple(lo) else [tuple(lo), odd]
-
-
-def _check_graph(name, make_runner, model, tolerance, shapes=CHECK_SHAPES) -> float:
-    """Run the graph (``make_runner()`` loads it) on check inputs against the eager model; the max abs difference,
-    or ExportCheckError when it does not load, does not run, or differs by more than ``tolerance``."""
+def probe_block(model: CARN, members: dict[str, bytes], scale: int) -> dict:
+    """The manifest's probe (vs_selftransfer.bundle): a deterministic 8-bit input, the eager fp32 network's output
+    on it and, with an int8 graph, that graph's output (ONNX Runtime). The runtime runs the graph it is about to use
+    on the probe at creation and refuses one that does not reproduce the record. The ONNX graph is held to the
+    runtime's own fp32 rule here, so a bundle that would be refused is never written."""
+    lr = (check_image((1, 3, PROBE_SIDE, PROBE_SIDE), seed=PROBE_SEED) * 255).round().to(torch.uint8).numpy()
+    x = probe_as_float(lr)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy()
+    int8 = _onnx_runner(members["model.int8.onnx"])(x) if "model.int8.onnx" in members else None
+    block = make_probe(lr, expected, int8)
+    record = {"scale": scale, "probe": block}
     try:
-        run = make_runner()
-    except Exception as e:  # noqa: BLE001 - a graph that does not load is a failed check, said as such
-        raise ExportCheckError(f"export check failed: {name} does not load: {e}; nothing was written") from e
-    worst = 0.0
-    for i, shape in enumerate(shapes):
-        x = check_input(shape, seed=i)
-        with torch.no_grad():
-            expected = model(x).numpy()
-        try:
-            got = np.asarray(run(x.numpy()), dtype=np.float32)
-        except Exception as e:  # noqa: BLE001 - a graph that does not run is a failed check, said as such
-            raise ExportCheckError(f"export check failed: {name} does not run on a {shape} input: {e}; "
-                                   f"nothing was written") from e
-        if got.shape != expected.shape:
-            raise ExportCheckError(f"export check failed: {name} returned shape {got.shape} for input {shape}, "
-                                   f"expected {expected.shape}; nothing was written")
-        diff = float(np.abs(got - expected).max()) if np.isfinite(got).all() else float("inf")
-        if not diff <= tolerance:
-            raise ExportCheckError(f"export check failed: {name} differs from the PyTorch model by {diff:.3g} "
-                                   f"(> {tolerance:g}) on a {shape[2]}x{shape[3]} input; nothing was written")
-        worst = max(worst, diff)
-    return worst
+        check_probe_output(record, "exported bundle", "model.onnx", "fp32", _onnx_runner(members["model.onnx"])(x))
+    except ValueError as e:
+        raise ExportCheckError(f"export check failed: {e}; nothing was written") from None
+    return block
+
+
+def _check_graph(name, make_runner, eager, tolerance, shapes=CHECK_SHAPES) -> float:
+    """``vs_selftransfer.graph_check.check_graph``, a failure said as the export's: nothing is written."""
+    try:
+        return check_graph(name, make_runner, eager, tolerance, shapes)
+    except GraphCheckError as e:
+        raise ExportCheckError(f"export check failed: {e}; nothing was written") from e
 
 
 def _onnx_runner(data: bytes):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
     # One thread: the check inputs are small, and a thread pool's barriers cost more than they save on them
     # (badly so on a loaded machine).
-    opts.intra_op_num_threads = 1
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
-    return lambda x: session.run(["sr"], {"lr": x})[0]
+    return session_runner(make_session(data, threads=1))
 
 
 def _torchscript_runner(data: bytes):
     with _quiet():
         module = torch.jit.load(io.BytesIO(data), map_location="cpu")
-
-    def run(x):
-        with torch.inference_mode():
-            return module(torch.from_numpy(x)).numpy()
-    return run
-
-
-def _tensorrt_runner(data: bytes, precision: str = "fp16", device: "torch.device | None" = None):
-    import torch_tensorrt  # noqa: F401 - registers the TensorRT engine class TorchScript refers to
-
-    device = device or torch.device("cuda", torch.cuda.current_device())
-    dtype = torch.half if precision == "fp16" else torch.float32
-    with _quiet():
-        module = torch.jit.load(io.BytesIO(data), map_location=device)
-
-    def run(x):
-        with torch.inference_mode():
-            return module(torch.from_numpy(x).to(device, dtype)).float().cpu().numpy()
-    return run
+    return torch_runner(module, "cpu", channels_last=False)
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _quiet():
     """Silence the exporters' chatter (progress prints, torchvision-missing notices, TorchScript's deprecation
-    FutureWarning: TorchScript is what issue 2 asks for and what torch-tensorrt serializes to)."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "torch_tensorrt")]
+    FutureWarning: the torch backend's model.ts is TorchScript)."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export")]
     levels = [lg.level for lg in loggers]
     try:
         for lg in loggers:
@@ -495,22 +404,16 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
 def run_export(args) -> int:
     from vs_selftransfer.errors import UserError
 
-    out = Path(args.output)
-    if out.is_dir():
-        raise IsADirectoryError(f"output is a directory: {out}")
-    if out.exists() and not args.force:
-        raise FileExistsError(f"{out} exists; pass --force to overwrite it")
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"output directory does not exist: {out.parent}")
-    if not os.access(out.parent, os.W_OK):
-        raise PermissionError(f"output directory is not writable: {out.parent}")
+    from vs_selftransfer.files import check_output_path
+
+    out = check_output_path(args.output, args.force, inputs=[args.checkpoint])
     group = args.group
     if group is None and args.arch == "carn":
         group = 1
     model, extra = load_for_export(args.checkpoint, arch=args.arch, scale=args.scale, channels=args.channels,
                                    group=group)
     tensorrt = {"auto": "auto", "yes": True, "no": False}[args.tensorrt]
-    if tensorrt is True and (reason := tensorrt_unavailable()):
+    if tensorrt is True and (reason := backend_trt.available()):
         raise UserError(f"--tensorrt yes: cannot build a TensorRT engine here: {reason}")
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     try:
@@ -529,47 +432,60 @@ def add_info_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_info(args) -> int:
-    bundle = Bundle.open(args.bundle)
+    bundle = Bundle.open(args.bundle).verify()
     if args.json:
-        print(json.dumps(bundle.manifest, indent=2, sort_keys=True))
+        # ensure_ascii escapes every control character (and all non-ASCII) as \uXXXX: safe on any terminal.
+        print(json.dumps(bundle.manifest, indent=2, sort_keys=True, ensure_ascii=True))
         return 0
     print(describe(bundle))
     return 0
 
 
 def describe(bundle: Bundle) -> str:
+    """What ``selftransfer info`` prints. Every string that comes from the manifest goes through ``printable``: a
+    manifest is written by whoever made the bundle, and must not be able to drive the terminal."""
     m = bundle.manifest
     cfg = m["model_config"]
-    lines = [f"{bundle.path}: selftransfer bundle v{m['format_version']} (valid: manifest, sizes and sha256 checked)",
+    p = printable
+    probe = "a probe ties the graphs to the weights" if bundle.has_probe else \
+        "no probe: the filter refuses this bundle, re-export it"
+    lines = [f"{p(bundle.path)}: selftransfer bundle v{m['format_version']} (valid: manifest, sizes and sha256 "
+             f"checked; {probe})",
              f"  model:       {m['arch']} x{m['scale']}, {cfg['channels']} channels, group {cfg['group']}",
              f"  input:       {m['input']['channels']} float in [{m['input']['range'][0]}, {m['input']['range'][1]}], "
              f"{m['input']['layout']}"]
     if "created" in m:
-        lines.append(f"  created:     {m['created']}")
+        lines.append(f"  created:     {p(m['created'])}")
     src = m.get("source")
     if isinstance(src, dict) and src:
         desc = src.get("path") or src.get("name") or ""
         sha = src.get("sha256")
-        lines.append(f"  source:      {desc}" + (f" (sha256 {str(sha)[:16]}...)" if sha else ""))
+        lines.append(f"  source:      {p(desc)}" + (f" (sha256 {p(str(sha)[:16])}...)" if sha else ""))
+    setting = m.get("setting")
+    if isinstance(setting, dict) and isinstance(setting.get("text"), str):
+        lines.append(f"  setting:     {p(setting['text'])}")
     frames = m.get("frames")
     if isinstance(frames, dict) and frames:
         parts = [f"{k} {len(v)}" if isinstance(v, list) else f"{k} {v}" for k, v in frames.items()
                  if isinstance(v, (list, int, float, str))]
-        lines.append(f"  frames:      {', '.join(parts)}")
+        lines.append(f"  frames:      {p(', '.join(parts))}")
     deg = m.get("degradation")
     if isinstance(deg, dict) and deg:
-        lines.append(f"  degradation: {', '.join(f'{k}={v}' for k, v in deg.items())}")
+        lines.append(f"  degradation: {p(', '.join(f'{k}={v}' for k, v in deg.items()))}")
     val = m.get("validation")
     if isinstance(val, dict) and val:
         numbers = _fmt_validation(val)
         if numbers:
-            lines.append("  validation:  " + ", ".join(numbers))
+            lines.append("  validation:  " + p(", ".join(numbers)))
         for key in ("shipped", "message"):
             if isinstance(val.get(key), str):
-                lines.append(f"  {key + ':':12s} {val[key]}")
+                lines.append(f"  {key + ':':12s} {p(val[key])}")
     precision = m.get("precision")
     if isinstance(precision, dict) and precision:
-        lines.append(f"  precision:   {json.dumps(precision, sort_keys=True)}")
+        lines.append(f"  precision:   {p(json.dumps(precision, sort_keys=True))}")
+    from vs_selftransfer.runtime import backend_choice, precision_choice  # what Upscale's defaults run here, and why
+    auto_backend, why = backend_choice("cpu")
+    lines.append(f"  auto here:   {p(why)}; {p(precision_choice(bundle, auto_backend, 'cpu')[1])}")
     lines.append("  members:")
     for name, info in m["members"].items():
         code = "carries code: only the {} backend opens it".format("trt" if "trt" in name else "torch") \
@@ -577,25 +493,32 @@ def describe(bundle: Bundle) -> str:
         lines.append(f"    {name:20s} {_size(info['size']):>9s}  {code}")
     trt = m.get("tensorrt")
     if isinstance(trt, dict):
-        lines.append(f"  tensorrt:    {trt.get('precision')} engine for {trt.get('gpu')} (sm {trt.get('compute_capability')}), "
-                     f"TensorRT {trt.get('tensorrt')}, shapes {trt.get('min_shape')}..{trt.get('max_shape')}")
+        lines.append(p(f"  tensorrt:    {trt.get('precision')} engine for {trt.get('gpu')} (sm "
+                       f"{trt.get('compute_capability')}), TensorRT {trt.get('tensorrt')}, shapes "
+                       f"{trt.get('min_shape')}..{trt.get('max_shape')}"))
     versions = m.get("versions")
     if isinstance(versions, dict) and versions:
-        lines.append("  versions:    " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+        lines.append("  versions:    " + p(", ".join(f"{k} {v}" for k, v in versions.items())))
     return "\n".join(lines)
 
 
-def _fmt_validation(val: dict, prefix: str = "") -> list[str]:
-    """The numbers of the validation block ("bicubic_psnr_y 30.123 dB", ...), nested dicts flattened."""
-    out = []
-    for k, v in val.items():
-        if isinstance(v, dict):
-            out += _fmt_validation(v, f"{prefix}{k}.")
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            psnr = "psnr" in (prefix + k).lower()
-            out.append(f"{prefix}{k} {v:.3f} dB" if psnr else f"{prefix}{k} {v:g}")
-        elif v is None and "psnr" in k.lower():
-            out.append(f"{prefix}{k} -")
+def _fmt_validation(val: dict) -> list[str]:
+    """The numbers of the validation block ("bicubic_psnr_y 30.123 dB", ...), nested dicts flattened (walked
+    without recursion: the reader bounds the depth, this does not rely on it)."""
+    out, stack = [], [("", iter(val.items()))]
+    while stack:
+        prefix, items = stack[-1]
+        for k, v in items:
+            if isinstance(v, dict):
+                stack.append((f"{prefix}{k}.", iter(v.items())))
+                break
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                psnr = "psnr" in (prefix + k).lower()
+                out.append(f"{prefix}{k} {v:.3f} dB" if psnr else f"{prefix}{k} {v:g}")
+            elif v is None and "psnr" in k.lower():
+                out.append(f"{prefix}{k} -")
+        else:
+            stack.pop()
     return out
 
 

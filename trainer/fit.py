@@ -1,5 +1,16 @@
 """``selftransfer fit VIDEO -o MODEL.stm``: the whole offline phase in one command.
 
+Two settings, recorded in the manifest's ``setting`` block and shown by ``selftransfer info``:
+
+* **source** (the default): VIDEO is what you hold and will upscale. Training pairs are VIDEO's frames (HR) and
+  their synthetic degradation (LR), one octave below where the bundle will run. The degradation is estimated
+  from VIDEO itself (``--degradation auto``, ``trainer.source``: codec and mean quantiser from the bitstream,
+  matched by trial x264 encodes), so the model learns to undo what this source went through. What ships is
+  decided by ``SOURCE_RULE`` below, from measurements against real references (docs/source_only.md).
+* **delivery** (``--delivery``): VIDEO is the master; the bundle will upscale a smaller stream made from it
+  (bicubic by default, ``--degradation x264 --crf N`` for a compressed stream). Validation on held-out frames
+  of VIDEO measures exactly that use, so the best validated checkpoint ships when it beats generic.
+
 probe the video -> pick training and held-out frames (``trainer.keyframes.select_frames``) -> HR/LR pairs
 (``trainer.pairs.write_pairs``) -> fine-tune (``trainer.train.train``) -> bundle (``trainer.export.export_bundle``).
 
@@ -16,6 +27,7 @@ exporting come on top (seconds to a minute for a short clip).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -30,6 +42,11 @@ WORK_MARKER = "fit.json"
 FRAMES_JSON = "frames.json"
 PAIRS_H5 = "pairs.h5"
 RUN_DIR = "run"
+# Source case, compressed source: the fine-tuned weights ship pulled toward generic, generic + SOURCE_BLEND x
+# (fine-tuned - generic). Measured against the real reference (docs/source_only.md): the full fine-tune lost
+# 0.34 dB, this blend gained on every frame; the source-scale validation prefers the full step on every run, so it
+# cannot choose the blend itself.
+SOURCE_BLEND = 0.3
 WORK_FORMAT = "selftransfer-fit-work"
 INT8_CALIB_FRAMES = 8  # spread over the training frames: enough for MinMax ranges, and quick
 
@@ -39,10 +56,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, help="model bundle to write (.stm)")
     parser.add_argument("--scale", type=int, default=2, choices=(2, 3, 4), help="upscaling factor (default 2)")
     add_config_arguments(parser)
-    parser.add_argument("--degradation", default="bicubic", choices=DEGRADATIONS,
-                        help="how LR training inputs are made: bicubic (MATLAB imresize, default), cv2_cubic, or "
-                             "x264 (bicubic then an x264 encode at --crf, for compressed low-resolution video)")
-    parser.add_argument("--crf", type=int, default=23, help="x264 CRF for --degradation x264 (0..51, default 23)")
+    parser.add_argument("--delivery", action="store_true",
+                        help="the delivery case: VIDEO is the master, and the bundle will upscale a smaller stream "
+                             "made from it. Default: the source case, you will upscale VIDEO itself")
+    parser.add_argument("--degradation", default="auto", choices=("auto",) + DEGRADATIONS,
+                        help="how LR training inputs are made: auto (default: in the source case, estimated from "
+                             "VIDEO's bitstream: bicubic for a lossless source, bicubic then x264 at the CRF that "
+                             "matches its quantiser for a compressed one; bicubic in the delivery case), bicubic "
+                             "(MATLAB imresize), cv2_cubic, or x264 (bicubic then an x264 encode at --crf)")
+    parser.add_argument("--crf", type=int, default=None, help="x264 CRF for --degradation x264 (0..51, default 23)")
     parser.add_argument("--frames", type=int, default=24, help="training frames to pick (default 24)")
     parser.add_argument("--val-frames", type=int, default=4,
                         help="held-out validation frames that decide whether training helped (default 4)")
@@ -65,14 +87,17 @@ def run(args) -> int:
     timings: dict[str, float] = {}
     # Every argument is checked before any work.
     check_budget_args(args)
-    if not CRF_RANGE[0] <= args.crf <= CRF_RANGE[1]:
+    if args.crf is not None and args.degradation != "x264":
+        raise UserError(f"--crf only applies to --degradation x264 (with --degradation {args.degradation} the "
+                        "CRF is not used)")
+    if args.crf is not None and not CRF_RANGE[0] <= args.crf <= CRF_RANGE[1]:
         raise UserError(f"--crf must be an integer in {CRF_RANGE[0]}..{CRF_RANGE[1]}, not {args.crf}")
     if args.frames < 1:
         raise UserError(f"--frames must be at least 1, not {args.frames}")
     if args.val_frames < 1:
         raise UserError(f"--val-frames must be at least 1 (validation decides what ships), not {args.val_frames}")
     cfg = config_from_args(args, scale=args.scale)
-    output = check_output_path(args.output, args.force)
+    output = check_output_path(args.output, args.force, inputs=[args.video, args.init])
     init_desc = resolve_init(args.init)
     info = probe(args.video)
     check_trainable(info, args.scale, cfg.patch)
@@ -83,6 +108,17 @@ def run(args) -> int:
         raise UserError(f"--work-dir {work}: must not be the output file itself")
     if work.resolve() == output.resolve().parent:
         raise UserError(f"--work-dir {work}: must not be the output's folder (it is deleted after success)")
+    setting = "delivery" if args.delivery else "source"
+    estimate = None
+    degradation, crf = args.degradation, (args.crf if args.crf is not None else 23)
+    if degradation == "auto" and setting == "source":
+        from selftransfer_trainer.source import estimate_source
+
+        estimate = estimate_source(info.path, args.scale)
+        degradation, crf = estimate.degradation["method"], estimate.degradation.get("crf", 23)
+        say(f"source: {estimate.how}")
+    elif degradation == "auto":
+        degradation = "bicubic"
     timings["probe_s"] = time.perf_counter() - t_start
 
     # The work folder, and what it was made for: --resume only reuses work made from the same inputs.
@@ -90,7 +126,8 @@ def run(args) -> int:
     spec = {
         "format": WORK_FORMAT,
         "video": {"path": info.path, "size": Path(info.path).stat().st_size, "sha256": info.sha256},
-        "scale": args.scale, "degradation": args.degradation, "crf": args.crf if args.degradation == "x264" else None,
+        "scale": args.scale, "setting": setting, "degradation": degradation,
+        "crf": crf if degradation == "x264" else None,
         "frames": args.frames, "val_frames": args.val_frames, "seed": args.seed, "init": args.init,
     }
     created_work = not work.exists()
@@ -125,13 +162,18 @@ def run(args) -> int:
         selection = select_frames(info.path, target=args.frames, val=args.val_frames, seed=args.seed)
         say(summary(selection))
         atomic_write(work / FRAMES_JSON, (json.dumps(selection.to_json(), indent=1) + "\n").encode())
-        write_pairs(pairs_path, selection, args.scale, args.degradation, args.crf)
+        write_pairs(pairs_path, selection, args.scale, degradation, crf)
         del selection  # the decoded frames: the pairs file has what training needs
     timings["frames_pairs_s"] = time.perf_counter() - t
 
     # Training.
     from selftransfer_trainer.train import train
 
+    if estimate is not None and estimate.lossless:
+        # SOURCE_RULE ships generic for a lossless source: only the baselines are measured (no step is run).
+        say("source: lossless, so the generic weights ship (why: docs/source_only.md); only the baselines are "
+            "measured. Pass --degradation bicubic to fine-tune anyway")
+        cfg = dataclasses.replace(cfg, steps=0, minutes=0.0)
     t = time.perf_counter()
     result = train(pairs_path, work / RUN_DIR, cfg, init=init_desc["path"], resume=resume,
                    progress=True if args.progress else None)
@@ -161,12 +203,29 @@ def run(args) -> int:
     train_config = dict(cfg.to_dict(), init=init_desc["name"], init_sha256=init_desc["sha256"],
                         horizon=result.horizon, device=result.device, precision=result.precision,
                         threads=result.threads)
+    validation = result.validation()
+    blend = None
+    if estimate is not None and not estimate.lossless and result.shipped == "selftransfer":
+        blend = blend_toward_generic(result, init_desc["path"], pairs_path, cfg)
+        say(f"source: shipping generic + {SOURCE_BLEND} x (fine-tuned - generic): validation {blend['psnr_y']:.3f} dB "
+            f"(generic {validation['generic_psnr_y']:.3f}, full fine-tune {validation['shipped_psnr_y']:.3f})")
+    setting_block = setting_evidence(setting, estimate, validation, args.degradation, blend)
+    if setting_block["ships"] == "generic" and result.shipped != "generic":  # the rule overrides validation
+        from selftransfer_trainer.weights import initial_model
+
+        result.model = initial_model(result.model_config, init_desc["path"])
+        validation.update(shipped="generic", shipped_psnr_y=validation["generic_psnr_y"], best_step=0)
+    elif setting_block["ships"] == "selftransfer" and blend is not None:
+        result.model = blend["model"]
+        validation.update(shipped_psnr_y=blend["psnr_y"], message=f"shipping {setting_block['why']}")
+    if setting_block["why"] != validation["message"] and setting_block["ships"] == "generic":
+        validation["message"] = f"shipping the generic weights: {setting_block['why']}"
     extra = {
         "source": source, "frames": frames, "degradation": degradation, "train_config": train_config,
-        "validation": result.validation(),
+        "validation": validation, "setting": setting_block,
         "timings": dict(timings, s_per_step=result.s_per_step, images_per_s=result.images_per_s),
     }
-    check_output_path(output, args.force)  # it may have appeared while we trained
+    check_output_path(output, args.force, inputs=[args.video, args.init])  # it may have appeared meanwhile
     manifest = export_bundle(result.model, output, extra=extra, int8=int8)
     timings["export_s"] = time.perf_counter() - t
 
@@ -178,6 +237,86 @@ def run(args) -> int:
     timings["total_s"] = time.perf_counter() - t_start
     print_summary(args, output, manifest, result, frames, timings, work if args.keep_work else None)
     return 0
+
+
+# -- which case, and what ships ----------------------------------------------------------------------------------
+
+SETTING_TEXT = {
+    "source": "the source case: for upscaling this video itself (training pairs are its own frames and their "
+              "degradation, one octave below)",
+    "delivery": "the delivery case: for upscaling a smaller stream made from this video (its master)",
+}
+
+
+SOURCE_RULE = (
+    "source case: a lossless source ships the generic weights (its only degradation is the bicubic downscale the "
+    "generic model was trained for; measured against real references, gains at the source's scale did not carry "
+    "an octave up: docs/source_only.md); a compressed source learns its matched x264 degradation, and when the "
+    "best validated checkpoint beats generic on the held-out frames, ships it blended toward generic "
+    "(SOURCE_BLEND) if the blend beats generic on them too; otherwise generic ships")
+
+
+def source_rule(estimate, validation: dict, asked_degradation: str, blend: dict | None = None
+                ) -> tuple[str, str, str]:
+    """(what ships, why, the rule) in the source case; see SOURCE_RULE."""
+    if estimate is None:  # a degradation given by hand: the user's recipe, judged by its validation
+        return validation["shipped"], validation["message"], ("source case, degradation given by hand "
+                                                              f"({asked_degradation}): the validation decides")
+    if estimate.lossless:
+        return "generic", ("the source is lossless, so the generic model already matches its degradation, and "
+                           "fine-tuning on it did not beat generic at the true scale in our measurements"), SOURCE_RULE
+    if blend is not None:
+        if blend["psnr_y"] <= validation["generic_psnr_y"]:
+            return "generic", (f"the blend toward generic does not beat generic on validation ({blend['psnr_y']:.3f} "
+                               f"vs {validation['generic_psnr_y']:.3f} dB)"), SOURCE_RULE
+        return "selftransfer", (f"step {validation['best_step']} blended toward generic (weight {blend['weight']}): "
+                                f"{blend['psnr_y']:.3f} dB vs generic {validation['generic_psnr_y']:.3f} dB on "
+                                f"validation (the full fine-tune: {validation['shipped_psnr_y']:.3f} dB)"), SOURCE_RULE
+    return validation["shipped"], validation["message"], SOURCE_RULE
+
+
+def blend_toward_generic(result, init_path: str, pairs_path: Path, cfg) -> dict:
+    """generic + SOURCE_BLEND x (fine-tuned - generic), validated on the held-out frames like every checkpoint."""
+    import torch
+
+    from selftransfer_trainer.pairs import Pairs
+    from selftransfer_trainer.train import resolve_device, resolve_threads
+    from selftransfer_trainer.validate import Validator
+    from selftransfer_trainer.weights import initial_model
+
+    generic = initial_model(result.model_config, init_path).state_dict()
+    tuned = result.model.state_dict()
+    model = initial_model(result.model_config, init_path)
+    with torch.no_grad():
+        model.load_state_dict({k: g + SOURCE_BLEND * (tuned[k] - g) if g.is_floating_point() else tuned[k]
+                               for k, g in generic.items()})
+    model.eval()
+    with Pairs(pairs_path) as pairs:
+        validate = Validator([pairs.val_pair(i) for i in range(len(pairs.val_indices))], result.model_config.scale,
+                             model, resolve_device(cfg.device), backend=cfg.val_backend,
+                             threads=resolve_threads(cfg.threads), channels_last=cfg.channels_last,
+                             tile=cfg.val_tile, overlap=cfg.val_overlap)
+    psnr = validate(model)
+    return {"weight": SOURCE_BLEND, "psnr_y": psnr, "model": model,
+            "what": "generic + weight x (fine-tuned - generic), weight fixed from measurements against a reference"}
+
+
+def setting_evidence(setting: str, estimate, validation: dict, asked_degradation: str, blend=None) -> dict:
+    """The manifest's ``setting`` block: which case the bundle is for, what the source went through, what
+    ships and why (``SOURCE_RULE``)."""
+    block = {"kind": setting, "text": SETTING_TEXT[setting],
+             "degradation_from": ("estimated from the source" if estimate is not None else
+                                  "default of the delivery case" if asked_degradation == "auto" else "given"),
+             "estimate": estimate.to_dict() if estimate is not None else None,
+             "finetuned_validation_gain_db": (validation["shipped_psnr_y"] - validation["generic_psnr_y"]
+                                              if validation["shipped"] == "selftransfer" else None),
+             "blend": None if blend is None else {k: v for k, v in blend.items() if k != "model"}}
+    ships, why = validation["shipped"], validation["message"]
+    if setting == "source":
+        ships, why, rule = source_rule(estimate, validation, asked_degradation, blend)
+        block["rule"] = rule
+    block.update(ships=ships, why=why)
+    return block
 
 
 # -- helpers ----------------------------------------------------------------------------------------------------
@@ -234,11 +373,14 @@ def pairs_usable(path: Path, spec: dict) -> bool:
 
 def discard_work(work: Path) -> None:
     """Remove what an earlier run left in the work folder (only the files fit itself writes)."""
-    from selftransfer_trainer.train import CHECKPOINT, MODEL, RESULT
-
     for name in (FRAMES_JSON, PAIRS_H5):
         (work / name).unlink(missing_ok=True)
-    run_dir = work / RUN_DIR
+    _discard_run(work / RUN_DIR)
+
+
+def _discard_run(run_dir: Path) -> None:
+    from selftransfer_trainer.train import CHECKPOINT, MODEL, RESULT
+
     if run_dir.is_dir():
         for name in (CHECKPOINT, MODEL, RESULT):
             (run_dir / name).unlink(missing_ok=True)
@@ -266,13 +408,15 @@ def print_summary(args, output: Path, manifest: dict, result, frames: dict, timi
              else "no timed step")
     lines = [
         f"fit {Path(args.video).name} -> {output}",
+        f"  setting: {manifest['setting']['text']}",
         f"  frames: {len(frames['train'])} training ({counts}), {len(frames['val'])} held-out validation "
         f"{frames['val']}",
         f"  training: {result.steps} steps ({speed}) on {result.device}, {result.precision}, {result.threads} "
         f"threads, batch {result.train_config.batch} x {result.train_config.patch} px",
         f"  validation PSNR-Y: bicubic {v['bicubic_psnr_y']:.3f} dB, generic {v['generic_psnr_y']:.3f} dB, "
         f"self-transfer best {tuned}",
-        f"  shipped: {v['shipped']} ({v['shipped_psnr_y']:.3f} dB, {gain:+.3f} dB over generic) - {v['message']}",
+        f"  shipped: {v['shipped']} ({v['shipped_psnr_y']:.3f} dB, {gain:+.3f} dB over generic on validation) - "
+        f"{v['message']}",
         f"  wall time: {timings['total_s']:.0f} s (probe {timings['probe_s']:.1f} s, frames+pairs "
         f"{timings['frames_pairs_s']:.1f} s, training {timings['train_s']:.0f} s, export {timings['export_s']:.1f} s)",
     ]

@@ -334,7 +334,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--seed must be 0 or more, got {args.seed}")
     if args.patch < 1:
         raise UserError(f"--patch must be at least 1, got {args.patch}")
-    output = check_output_path(args.output, args.force)
+    output = check_output_path(args.output, args.force, inputs=[args.video])
     png_dir = Path(args.png_dir) if args.png_dir else None
     if png_dir is not None and png_dir.exists() and not png_dir.is_dir():
         raise UserError(f"--png-dir {png_dir}: exists and is not a folder")

@@ -9,8 +9,8 @@ File layout::
         source_width, source_height, source_fps, train_indices, val_indices, train_times, val_times,
         train_kinds, val_kinds (JSON), selection (JSON: the frame-selection parameters)
 
-``<index>`` is the frame's index in the video. The file is written to a temporary name, fsynced and renamed, so a
-pairs file that exists is complete.
+``<index>`` is the frame's index in the video. The file is written to a temporary name, fsynced and renamed
+(``vs_selftransfer.files.atomic_path``), so a pairs file that exists is complete.
 
 CLI: ``selftransfer pairs VIDEO -o pairs.h5 [--scale 2] [--degradation bicubic] [--frames frames.json]``.
 """
@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from vs_selftransfer.errors import UserError
-from vs_selftransfer.files import fsync_dir
+from vs_selftransfer.files import atomic_path
 from selftransfer_trainer.degrade import CRF_RANGE, DEGRADATIONS, crop_to_scale, degrade
 
 FORMAT = "selftransfer-pairs"
@@ -57,39 +56,27 @@ def write_pairs(h5_path: str | os.PathLike, selection, scale: int, degradation: 
     if degradation == "x264":
         described["crf"] = crf
     path = Path(h5_path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.",
-                               suffix=".tmp")
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as h5:
-            for split, frames in (("train", selection.train), ("val", selection.val)):
-                hr_group = h5.require_group(f"HR/{split}")
-                lr_group = h5.require_group(f"LR/{split}")
-                for f in frames:
-                    hr = crop_to_scale(f.image, scale)
-                    lr = degrade(hr, scale, degradation, crf)
-                    hr_group.create_dataset(str(f.index), data=hr)
-                    lr_group.create_dataset(str(f.index), data=lr)
-            a = h5.attrs
-            a["format"], a["version"], a["scale"] = FORMAT, VERSION, scale
-            a["degradation"] = json.dumps(described)
-            a["source_name"] = Path(info.path).name
-            a["source_sha256"] = info.sha256
-            a["source_frames"], a["source_fps"] = info.frames, info.fps
-            a["source_width"], a["source_height"] = info.width, info.height
-            for split, frames in (("train", selection.train), ("val", selection.val)):
-                a[f"{split}_indices"] = np.asarray([f.index for f in frames], np.int64)
-                a[f"{split}_times"] = np.asarray([f.time for f in frames], np.float64)
-                a[f"{split}_kinds"] = json.dumps([f.kind for f in frames])
-            a["selection"] = json.dumps(dict(selection.params))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
+        for split, frames in (("train", selection.train), ("val", selection.val)):
+            hr_group = h5.require_group(f"HR/{split}")
+            lr_group = h5.require_group(f"LR/{split}")
+            for f in frames:
+                hr = crop_to_scale(f.image, scale)
+                lr = degrade(hr, scale, degradation, crf)
+                hr_group.create_dataset(str(f.index), data=hr)
+                lr_group.create_dataset(str(f.index), data=lr)
+        a = h5.attrs
+        a["format"], a["version"], a["scale"] = FORMAT, VERSION, scale
+        a["degradation"] = json.dumps(described)
+        a["source_name"] = Path(info.path).name
+        a["source_sha256"] = info.sha256
+        a["source_frames"], a["source_fps"] = info.frames, info.fps
+        a["source_width"], a["source_height"] = info.width, info.height
+        for split, frames in (("train", selection.train), ("val", selection.val)):
+            a[f"{split}_indices"] = np.asarray([f.index for f in frames], np.int64)
+            a[f"{split}_times"] = np.asarray([f.time for f in frames], np.float64)
+            a[f"{split}_kinds"] = json.dumps([f.kind for f in frames])
+        a["selection"] = json.dumps(dict(selection.params))
     return path
 
 
@@ -253,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--crf must be in {CRF_RANGE[0]}..{CRF_RANGE[1]}, got {args.crf}")
     if args.target < 1 or args.val < 0 or args.seed < 0 or args.patch < 1:
         raise UserError("--target and --patch must be at least 1, --val and --seed at least 0")
-    output = check_output_path(args.output, args.force)
+    output = check_output_path(args.output, args.force, inputs=[args.video, args.frames])
     info = probe(args.video)
     check_trainable(info, args.scale, args.patch)
     if args.frames:

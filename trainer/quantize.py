@@ -13,6 +13,7 @@ the mean shifts, the entry conv, the three top-level fusion convs, the upsampler
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -27,26 +28,27 @@ CALIB_CROP = 128
 CALIB_CROPS_PER_FRAME = 4
 
 
-def _engine_runner(onnx_path: str, engine: str, threads: int):
-    """A callable (1,3,h,w) float32 -> (1,3,sh,sw) for a graph file, on the engine the runtime would use."""
+@contextlib.contextmanager
+def _engine_runner(graph: bytes, engine: str, precision: str, threads: int, scale: int):
+    """A callable (1,3,h,w) float32 -> (1,3,sh,sw) for a graph, opened as the runtime's backend for ``engine`` opens
+    it (``backend_ov.open_engine``, ``backend_ort.make_session``); closed when the block ends."""
     if engine == "ov":
-        from vs_selftransfer.backend_ov import import_openvino
+        from vs_selftransfer.backend_ov import open_engine
 
-        ov = import_openvino()
-        core = ov.Core()
-        cfg = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
-        if threads:
-            cfg["INFERENCE_NUM_THREADS"] = threads
-        compiled = core.compile_model(core.read_model(onnx_path), "CPU", cfg)
-        request = compiled.create_infer_request()
-        return lambda x: request.infer({0: x})[compiled.output(0)]
-    import onnxruntime as ort
+        compiled = open_engine(graph, what=f"the {precision} graph", precision=precision, threads=threads)
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(onnx_path, so, providers=["CPUExecutionProvider"])
-    return lambda x: sess.run(None, {"lr": x})[0]
+        def run(x):
+            out = np.empty((x.shape[0], x.shape[1], x.shape[2] * scale, x.shape[3] * scale), np.float32)
+            compiled.infer_into(np.ascontiguousarray(x), out)
+            return out
+        try:
+            yield run
+        finally:
+            compiled.close()
+        return
+    from vs_selftransfer.backend_ort import make_session, session_runner
+
+    yield session_runner(make_session(graph, threads=threads))
 
 
 def default_engine() -> str:
@@ -103,18 +105,19 @@ def quantize_for_video(onnx_fp32: bytes, calib_lr: list[np.ndarray], val_pairs: 
         calib_s = time.perf_counter() - t0
         scores = {}
         seconds = {}
-        for name, path in (("fp32", fp32), ("int8", int8)):
-            run = _engine_runner(path, engine, threads)
-            run(np.zeros((1, 3, 16, 16), np.float32))  # build/compile before timing
-            t = time.perf_counter()
-            vals = []
-            for lr, hr in val_pairs:
-                img = lr.transpose(2, 0, 1).astype(np.float32) / 255.0
-                sr = upscale_image(run, img, scale)
-                vals.append(psnr_y(quantize(sr), hr.transpose(2, 0, 1).astype(np.float64) / 255.0, scale))
-            seconds[name] = (time.perf_counter() - t) / len(val_pairs)
+        graphs = {"fp32": onnx_fp32, "int8": Path(int8).read_bytes()}
+        for name, graph in graphs.items():
+            with _engine_runner(graph, engine, name, threads, scale) as run:
+                run(np.zeros((1, 3, 16, 16), np.float32))  # build/compile before timing
+                t = time.perf_counter()
+                vals = []
+                for lr, hr in val_pairs:
+                    img = lr.transpose(2, 0, 1).astype(np.float32) / 255.0
+                    sr = upscale_image(run, img, scale)
+                    vals.append(psnr_y(quantize(sr), hr.transpose(2, 0, 1).astype(np.float64) / 255.0, scale))
+                seconds[name] = (time.perf_counter() - t) / len(val_pairs)
             scores[name] = vals
-        data = Path(int8).read_bytes()
+        data = graphs["int8"]
     loss = float(np.mean(scores["fp32"]) - np.mean(scores["int8"]))
     accepted = loss <= budget_db
     report = {

@@ -1,14 +1,12 @@
 """``selftransfer train``: fine-tune CARN-M on a pairs file (one flat loop, in the spirit of nanoGPT's train.py).
 
-The loop: random LR/HR patches (``trainer.pairs.PatchSampler``), L1 loss, Adam, a cosine learning-rate decay after a
-short linear warm-up, gradient-norm clipping. At intervals the model upscales the held-out validation frames whole
-(through ``vs_selftransfer.tiling.upscale_image``, the one tiling function) and is scored by Y-PSNR with the border
-shaved (``trainer.metrics.psnr_y``). Before the first step the same frames are scored for bicubic upsampling (MATLAB
-``imresize`` bicubic, ``trainer.degrade.imresize``, the SR literature's baseline) and for the initial ("generic")
-weights. The best validated weights are kept; when no fine-tuned step beats the generic weights on validation, the
-run ships the generic weights and says so (``TrainResult.shipped == "generic"``). Validation always runs in fp32, as
-the exported model does, whatever precision the training steps use; on the CPU it runs through ONNX Runtime when the
-validation frames are large (about twice as fast as eager PyTorch there; see ``OnnxRunner``).
+The loop: random LR/HR patches (``selftransfer_trainer.pairs.PatchSampler``), L1 loss, Adam, a cosine learning-rate
+decay after a short linear warm-up, gradient-norm clipping. At intervals the model upscales the held-out validation
+frames and is scored by Y-PSNR (``selftransfer_trainer.validate``). Before the first step the same frames are scored
+for bicubic upsampling (the SR literature's baseline) and for the initial ("generic") weights. The best validated
+weights are kept; when no fine-tuned step beats the generic weights on validation, the run ships the generic weights
+and says so (``TrainResult.shipped == "generic"``). Validation always runs in fp32, as the exported model does,
+whatever precision the training steps use.
 
 CPU defaults: every core (``torch.set_num_threads``), channels-last tensors, fp32 (bf16 autocast is opt-in, see
 ``resolve_precision``). GPU: fp16 autocast with a gradient scaler, deterministic cuDNN kernels.
@@ -27,7 +25,7 @@ schedule, step, RNG states, sampler state, best weights, configs; written atomic
 at every validation; its ``model`` entry is the best validated weights so far, so exporting a checkpoint exports what
 would ship), ``model.pth`` (the shipped weights with their model config and validation figures) and
 ``result.json``. Every file is read back with ``torch.load(weights_only=True)``: only tensors, plain containers and
-primitive values are stored.
+primitive values are stored (the typed state below is saved as plain dicts).
 
 Resume: the same command with ``--resume`` continues from ``checkpoint.pt``: same weights, optimizer moments,
 schedule, sampler position and RNG states, so a steps-budget run gives the same loss curve as an uninterrupted one.
@@ -35,6 +33,7 @@ schedule, sampler position and RNG states, so a steps-budget run gives the same 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import io
 import json
@@ -51,8 +50,10 @@ import torch
 import torch.nn.functional as F
 
 from vs_selftransfer.errors import UserError
-from selftransfer_trainer.metrics import psnr_y, quantize
-from vs_selftransfer.model import ModelConfig, build_model
+from vs_selftransfer.files import atomic_write
+from vs_selftransfer.model import ModelConfig, build_model, check_known_keys
+from vs_selftransfer.tiling import OVERLAP
+from selftransfer_trainer.validate import BACKENDS as VAL_BACKENDS
 
 CHECKPOINT = "checkpoint.pt"
 MODEL = "model.pth"
@@ -61,16 +62,42 @@ CHECKPOINT_FORMAT = "selftransfer-train-checkpoint"
 CHECKPOINT_VERSION = 1
 PRECISIONS = ("auto", "fp32", "bf16", "amp")
 DEVICES = ("auto", "cpu", "cuda")
-VAL_BACKENDS = ("auto", "ort", "torch")
 PROBE_STEPS = 3  # steps run before a minutes budget's horizon is first estimated
 TIME_MARGIN = 0.97  # fraction of the remaining time a minutes-budget horizon plans to use (the rest absorbs noise)
 # Fields that may differ between a run and its resumption (they change speed or bookkeeping, not the arithmetic).
 RESUMABLE_CHANGES = ("device", "threads", "checkpoint_seconds", "minutes", "val_backend")
+# The command-line flag of each setting (`train` and `fit` share them, see add_config_arguments): every error about a
+# setting names it through ``flag``. Settings without a flag are Python-API only.
+FLAGS = {
+    "scale": "--scale", "patch": "--patch", "batch": "--batch", "lr": "--lr", "steps": "--steps",
+    "minutes": "--minutes", "val_every": "--val-every", "seed": "--seed", "device": "--device",
+    "threads": "--threads", "precision": "--precision", "init": "--init", "resume": "--resume",
+}
+
+
+def flag(setting: str) -> str:
+    """How an error names a setting: its command-line flag, or ``train config NAME`` for one without a flag."""
+    return FLAGS.get(setting, f"train config {setting}")
+
+
+class ConfigError(ValueError):
+    """A bad TrainConfig value. ``str()`` says it in the config's words; ``for_cli()`` names the flag."""
+
+    def __init__(self, setting: str, value, why: str):
+        super().__init__(f"train config {setting}={value!r}: {why}")
+        self.setting, self.value, self.why = setting, value, why
+
+    def for_cli(self) -> str:
+        return f"{flag(self.setting)} {self.value!r}: {self.why}"
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that decides what the training does; saved in every checkpoint and bundle manifest."""
+    """Everything that decides what the training does; saved in every checkpoint and bundle manifest.
+
+    To add a setting: a field here whose default keeps today's behaviour (a checkpoint made before the setting
+    existed resumes with that default), its check in ``__post_init__``, its flag (if it has one) in FLAGS,
+    add_config_arguments and config_from_args, and its use in ``train``."""
 
     scale: int = 0  # 0: the pairs file's scale
     arch: str = "carn_m"
@@ -84,8 +111,8 @@ class TrainConfig:
     steps: int = 0  # budget in optimizer steps, or
     minutes: float = 0.0  # budget in wall-clock minutes (whole call); exactly one of the two is set
     val_every: int = 0  # steps between validations; 0: four, evenly spaced over the schedule (the last at the end)
-    val_tile: int = 0  # LR tile side for validation upscaling; 0: whole frames up to VAL_WHOLE_PIXELS, else 256
-    val_overlap: int = 24  # LR px of context per tile; >= the receptive radius (22) keeps tiles exact
+    val_tile: int = 0  # LR tile side for validation upscaling; 0: the automatic rule (vs_selftransfer.tiling)
+    val_overlap: int = OVERLAP  # LR px of context per tile; >= the receptive radius (22) keeps tiles exact
     checkpoint_seconds: float = 60.0  # also checkpoint at every validation; 0: after every step
     seed: int = 0
     device: str = "auto"
@@ -96,7 +123,7 @@ class TrainConfig:
 
     def __post_init__(self):
         def bad(name, why):
-            raise ValueError(f"train config {name}={getattr(self, name)!r}: {why}")
+            raise ConfigError(name, getattr(self, name), why)
 
         def is_int(v):
             return type(v) is int
@@ -157,19 +184,11 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown train config keys: {sorted(unknown)}")
+        check_known_keys(cls, d, "train config")
         d = dict(d)
         if "betas" in d:
             d["betas"] = tuple(d["betas"])
         return cls(**d)
-
-
-VAL_WHOLE_PIXELS = 640 * 368  # LR frames up to about 360p are validated whole (peak ~1.5 GB for CARN-M in fp32)
-VAL_TILE = 256
-ORT_MIN_VAL_PIXELS = 2 * 640 * 360  # LR pixels over all validation frames from which "auto" validates with ORT
 
 
 @dataclass
@@ -201,7 +220,7 @@ class TrainResult:
         return {
             "metric": "psnr_y (BT.601 studio Y, border shaved by the scale, 8-bit quantized outputs)",
             "frames": list(self.val_frames),
-            "bicubic": "MATLAB imresize bicubic upsampling (trainer.degrade.imresize)",
+            "bicubic": "MATLAB imresize bicubic upsampling (selftransfer_trainer.degrade.imresize)",
             "bicubic_psnr_y": self.bicubic_psnr_y,
             "generic_psnr_y": self.generic_psnr_y,
             "selftransfer_psnr_y": self.selftransfer_psnr_y,
@@ -229,13 +248,100 @@ class TrainResult:
         }
 
 
-# -- small pieces the loop uses -----------------------------------------------------------------------------------
+# -- the loop's state (saved in the checkpoint as plain dicts: ``dataclasses.asdict``) ------------------------------
+
+@dataclass
+class Schedule:
+    """Where the learning-rate schedule stands: progress runs linearly from ``p0`` at step ``s0`` to 1 at
+    ``horizon``; a minutes budget moves the horizon (``replan``) without moving the progress already made."""
+
+    s0: int
+    p0: float
+    horizon: int | None  # None: a minutes budget before its first estimate
+    warmup: int  # linear warm-up steps
+
+
+@dataclass
+class Best:
+    """The best validated weights so far: the initial ("generic") ones at step 0 until a fine-tuned step beats them."""
+
+    step: int
+    psnr_y: float
+    model: dict  # CPU state dict
+
+
+@dataclass
+class RunState:
+    """What the loop accumulates over a run, resumed calls included."""
+
+    bicubic_psnr_y: float
+    generic_psnr_y: float
+    history: list[dict] = field(default_factory=list)  # one entry per validation
+    losses: list[float] = field(default_factory=list)  # training loss of every step
+    validated_quarters: int = 0  # quarters of the schedule validated so far (val_every 0)
+    elapsed_s: float = 0.0  # wall time of every call up to the last checkpoint
+    step_s: float = 0.0  # time of the timed steps (all but the first, which pays for allocations)
+    timed_steps: int = 0
+    train_s: float = 0.0  # time of every step, for time-to-quality figures
+    val_s: float = 0.0  # time of every validation, the generic baseline's included
+    n_val: int = 0
+    planned: bool = False  # the horizon is known: a steps budget, or a minutes budget after PROBE_STEPS
+    done: bool = False
+
+    def s_per_step(self) -> float:
+        return self.step_s / max(1, self.timed_steps)
+
+    def s_per_validation(self) -> float:
+        return self.val_s / self.n_val
+
+
+def warmup_for(cfg: TrainConfig) -> int:
+    return min(cfg.warmup_steps, max(1, cfg.steps // 10)) if cfg.steps else cfg.warmup_steps
+
+
+def progress_at(step: int, sched: Schedule) -> float:
+    """Schedule progress in [0, 1] after ``step`` steps: linear from (s0, p0) to (horizon, 1)."""
+    if sched.horizon is None:  # a minutes budget before its first horizon estimate: still warming up
+        return 0.0
+    if sched.horizon <= sched.s0:
+        return 1.0
+    p = sched.p0 + (step - sched.s0) / (sched.horizon - sched.s0) * (1.0 - sched.p0)
+    return min(max(p, 0.0), 1.0)
+
+
+def lr_at(step: int, sched: Schedule, cfg: TrainConfig) -> float:
+    """Learning rate of the step that follows ``step`` completed steps: linear warm-up, then cosine to zero."""
+    warm = min(1.0, (step + 1) / sched.warmup) if sched.warmup else 1.0
+    return cfg.lr * warm * 0.5 * (1.0 + math.cos(math.pi * progress_at(step, sched)))
+
+
+def replan(step: int, sched: Schedule, cfg: TrainConfig, remaining_s: float, s_per_step: float, val_s: float,
+           validated_quarters: int) -> Schedule:
+    """Minutes budgets: a new horizon such that the steps and validations left fit the remaining time.
+    Progress continues from where it is, so the learning rate stays continuous."""
+    usable = remaining_s * TIME_MARGIN
+    if cfg.val_every:  # one validation every val_every steps plus the final one
+        fit = (usable - val_s) / (s_per_step + val_s / cfg.val_every)
+    else:  # the quarters not yet validated, the final one included
+        fit = (usable - (4 - validated_quarters) * val_s) / s_per_step
+    return Schedule(s0=step, p0=progress_at(step, sched), horizon=step + max(0, int(fit)), warmup=sched.warmup)
+
+
+def due_validation(step: int, sched: Schedule, cfg: TrainConfig, validated_quarters: int) -> bool:
+    if step >= sched.horizon:
+        return True
+    if cfg.val_every:
+        return step % cfg.val_every == 0
+    return math.floor(progress_at(step, sched) * 4 + 1e-9) > validated_quarters
+
+
+# -- device and precision ------------------------------------------------------------------------------------------
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available to PyTorch (use --device cpu)")
+        raise UserError(f"{flag('device')} cuda: no CUDA device is available to PyTorch (use {flag('device')} cpu)")
     return torch.device(name)
 
 
@@ -254,10 +360,10 @@ def resolve_precision(name: str, device: torch.device) -> str:
     if name == "auto":
         return "amp" if device.type == "cuda" else "fp32"
     if name == "amp" and device.type != "cuda":
-        raise UserError("--precision amp is fp16 mixed precision on CUDA; on the CPU use fp32 or bf16")
+        raise UserError(f"{flag('precision')} amp is fp16 mixed precision on CUDA; on the CPU use fp32 or bf16")
     if name == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
-        print("selftransfer train: warning: this CPU has no native bf16 (AVX512-BF16/AMX); bf16 autocast will be "
-              "emulated and slower than fp32", file=sys.stderr)
+        print(f"selftransfer train: warning: this CPU has no native bf16 (AVX512-BF16/AMX); {flag('precision')} "
+              f"bf16 autocast will be emulated and slower than fp32", file=sys.stderr)
     return name
 
 
@@ -270,145 +376,16 @@ def resolve_threads(threads: int) -> int:
         return os.cpu_count() or 1
 
 
-def warmup_for(cfg: TrainConfig) -> int:
-    return min(cfg.warmup_steps, max(1, cfg.steps // 10)) if cfg.steps else cfg.warmup_steps
+def autocast_for(precision: str):
+    """The context the forward pass runs in: fp16 autocast (amp, CUDA), bf16 autocast (CPU) or none (fp32)."""
+    if precision == "amp":
+        return lambda: torch.autocast("cuda", dtype=torch.float16)
+    if precision == "bf16":
+        return lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext
 
 
-def progress_at(step: int, sched: dict) -> float:
-    """Schedule progress in [0, 1] after ``step`` steps: linear from (s0, p0) to (horizon, 1)."""
-    if sched["horizon"] is None:  # a minutes budget before its first horizon estimate: still warming up
-        return 0.0
-    if sched["horizon"] <= sched["s0"]:
-        return 1.0
-    p = sched["p0"] + (step - sched["s0"]) / (sched["horizon"] - sched["s0"]) * (1.0 - sched["p0"])
-    return min(max(p, 0.0), 1.0)
-
-
-def lr_at(step: int, sched: dict, cfg: TrainConfig) -> float:
-    """Learning rate of the step that follows ``step`` completed steps: linear warm-up, then cosine to zero."""
-    warm = min(1.0, (step + 1) / sched["warmup"]) if sched["warmup"] else 1.0
-    return cfg.lr * warm * 0.5 * (1.0 + math.cos(math.pi * progress_at(step, sched)))
-
-
-def replan(step: int, sched: dict, cfg: TrainConfig, remaining_s: float, s_per_step: float, val_s: float,
-           validated_quarters: int) -> dict:
-    """Minutes budgets: a new horizon such that the steps and validations left fit the remaining time.
-    Progress continues from where it is, so the learning rate stays continuous."""
-    usable = remaining_s * TIME_MARGIN
-    if cfg.val_every:  # one validation every val_every steps plus the final one
-        fit = (usable - val_s) / (s_per_step + val_s / cfg.val_every)
-    else:  # the quarters not yet validated, the final one included
-        fit = (usable - (4 - validated_quarters) * val_s) / s_per_step
-    horizon = step + max(0, int(fit))
-    return {"s0": step, "p0": progress_at(step, sched), "horizon": horizon, "warmup": sched["warmup"]}
-
-
-def due_validation(step: int, sched: dict, cfg: TrainConfig, validated_quarters: int) -> bool:
-    if step >= sched["horizon"]:
-        return True
-    if cfg.val_every:
-        return step % cfg.val_every == 0
-    return math.floor(progress_at(step, sched) * 4 + 1e-9) > validated_quarters
-
-
-def to_chw_float(img_hwc_uint8: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(img_hwc_uint8.transpose(2, 0, 1), dtype=np.float32) / np.float32(255.0)
-
-
-def upscaler(model: torch.nn.Module, device: torch.device, channels_last: bool):
-    """The ``run`` callable the tiling function wants: (1, 3, h, w) float32 numpy -> (1, 3, sh, sw) numpy, fp32."""
-
-    def run(x: np.ndarray) -> np.ndarray:
-        t = torch.from_numpy(x).to(device)
-        if channels_last:
-            t = t.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode():
-            y = model(t)
-        return y.float().cpu().numpy()
-
-    return run
-
-
-class OnnxRunner:
-    """Validation upscaling through ONNX Runtime, about twice as fast as eager PyTorch on the CPU for whole frames.
-
-    The graph is exported once (``trainer.export.onnx_bytes``, the exporter the bundle uses: seconds); each
-    validation writes the current weights into the graph's initializers (same names as the state dict) and opens a
-    session (tens of ms). Injecting weights with ``SessionOptions.add_initializer`` instead is not reliable: with
-    every graph optimization on, ONNX Runtime pre-packs convolution weights before the override applies. Each
-    session is checked against the PyTorch model on a small input, so a validation score is the PyTorch model's.
-    """
-
-    def __init__(self, model: torch.nn.Module, threads: int):
-        import copy
-
-        import onnx
-
-        from selftransfer_trainer.export import onnx_bytes
-
-        cpu_model = copy.deepcopy(model).float().cpu().to(memory_format=torch.contiguous_format).eval()
-        self.proto = onnx.load_from_string(onnx_bytes(cpu_model))
-        self.threads = threads
-
-    def __call__(self, model: torch.nn.Module):
-        """A ``run`` callable for the tiling function with ``model``'s current weights, or None if the session
-        does not reproduce the model (then the caller uses PyTorch)."""
-        import onnxruntime as ort
-        from onnx import numpy_helper
-
-        state = model.state_dict()
-        for init in self.proto.graph.initializer:
-            if init.name not in state:
-                return None
-            init.CopyFrom(numpy_helper.from_array(state[init.name].detach().float().cpu().numpy(), init.name))
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = self.threads
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
-        session = ort.InferenceSession(self.proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        input_name = session.get_inputs()[0].name
-
-        def run(x: np.ndarray) -> np.ndarray:
-            return session.run(None, {input_name: x})[0]
-
-        check = np.random.default_rng(0).random((1, 3, 24, 32), dtype=np.float32)
-        reference = upscaler(model, next(model.parameters()).device, False)(check)
-        if float(np.max(np.abs(run(check) - reference))) > 1e-4:
-            return None
-        return run
-
-
-def validate(model, val_frames, scale: int, device, cfg: TrainConfig, onnx_runner: OnnxRunner | None = None) -> float:
-    """Mean Y-PSNR over the validation frames, each upscaled whole (or in exact tiles) in fp32."""
-    from vs_selftransfer.tiling import upscale_image
-
-    was_training = model.training
-    model.eval()
-    run = onnx_runner(model) if onnx_runner is not None else None
-    if run is None:
-        if onnx_runner is not None:
-            print("selftransfer train: warning: the ONNX Runtime session does not reproduce the model; "
-                  "validating with PyTorch", file=sys.stderr)
-        run = upscaler(model, device, cfg.channels_last)
-    scores = []
-    for lr, hr in val_frames:
-        h, w = lr.shape[1:]
-        tile = cfg.val_tile or (0 if h * w <= VAL_WHOLE_PIXELS else VAL_TILE)
-        sr = upscale_image(run, lr, scale, tile, cfg.val_overlap)
-        scores.append(psnr_y(quantize(sr), hr, scale))
-    model.train(was_training)
-    return float(np.mean(scores))
-
-
-def bicubic_psnr(val_frames_uint8, scale: int) -> float:
-    from selftransfer_trainer.degrade import imresize
-
-    scores = []
-    for lr, hr in val_frames_uint8:
-        up = imresize(lr, float(scale))  # uint8 in -> uint8 out, MATLAB rounding
-        scores.append(psnr_y(to_chw_float(up), to_chw_float(hr), scale))
-    return float(np.mean(scores))
-
+# -- checkpoints and files -----------------------------------------------------------------------------------------
 
 def cpu_state(state: dict) -> dict:
     """A state dict of plain contiguous CPU tensors (channels-last and CUDA tensors saved as ordinary ones)."""
@@ -435,12 +412,10 @@ def set_rng_states(s: dict) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
-def save_checkpoint(path: Path, ckpt: dict) -> None:
-    """torch.save into memory, then temp file + fsync + rename: the file on disk is always a complete checkpoint."""
-    from vs_selftransfer.files import atomic_write
-
+def save_torch(path: Path, obj: dict) -> None:
+    """torch.save into memory, then an atomic write: the file on disk is always complete."""
     buf = io.BytesIO()
-    torch.save(ckpt, buf)
+    torch.save(obj, buf)
     atomic_write(path, buf.getvalue())
 
 
@@ -448,7 +423,8 @@ def load_checkpoint(path: Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - zip/unpickling errors of a damaged or foreign file
-        raise UserError(f"{path}: not a readable training checkpoint ({e}); start over without --resume") from None
+        raise UserError(f"{path}: not a readable training checkpoint ({e}); start over without "
+                        f"{flag('resume')}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path}: not a selftransfer training checkpoint")
     if ckpt.get("version") != CHECKPOINT_VERSION:
@@ -464,15 +440,49 @@ def remove_stale_temps(out_dir: Path) -> None:
 
 
 def write_json(path: Path, obj) -> None:
-    from vs_selftransfer.files import atomic_write
-
     atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True, default=float) + "\n").encode())
 
 
 def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
+    """The settings (other than RESUMABLE_CHANGES) in which ``cfg`` differs from a checkpoint's; a setting the
+    checkpoint predates counts as its default."""
     now = cfg.to_dict()
-    return [f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}" for k in now
+    try:
+        saved = TrainConfig.from_dict(saved).to_dict()
+    except (TypeError, ValueError):
+        pass  # not a config this version reads: compare what it says
+    return [f"{flag(k)}: checkpoint {saved.get(k)!r}, now {now[k]!r}" for k in now
             if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
+
+
+def open_pairs(path: str | os.PathLike, cfg: TrainConfig):
+    """The pairs file (``selftransfer_trainer.pairs.Pairs``), checked for what a run needs: training frames,
+    validation frames, the configured scale."""
+    from selftransfer_trainer.pairs import Pairs
+
+    pairs = Pairs(path)
+    why = None
+    if cfg.scale and cfg.scale != pairs.scale:
+        why = f"{flag('scale')} {cfg.scale} does not match {path}, which holds x{pairs.scale} pairs"
+    elif not pairs.val_indices:
+        why = f"{path} has no validation frames: cannot tell whether training helps"
+    elif not pairs.train_indices:
+        why = f"{path} has no training frames"
+    if why:
+        pairs.close()
+        raise UserError(why)
+    return pairs
+
+
+def shipping_message(best: Best, state: RunState) -> str:
+    if best.step > 0:
+        return (f"shipping step {best.step}: {best.psnr_y:.3f} dB vs generic {state.generic_psnr_y:.3f} dB "
+                f"(+{best.psnr_y - state.generic_psnr_y:.3f} dB), bicubic {state.bicubic_psnr_y:.3f} dB")
+    if not state.history:
+        return "shipping the generic weights: no training step ran"
+    tuned = max(h["psnr_y"] for h in state.history)
+    return (f"shipping the generic weights: no fine-tuned step beat the generic weights on validation (best "
+            f"{tuned:.3f} dB vs generic {state.generic_psnr_y:.3f} dB)")
 
 
 def log(msg: str, bar) -> None:
@@ -482,7 +492,7 @@ def log(msg: str, bar) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-# -- the loop ---------------------------------------------------------------------------------------------------
+# -- the loop -------------------------------------------------------------------------------------------------------
 
 def train(pairs_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: TrainConfig, init: str = "official",
           resume: bool = False, progress: bool | None = None, verbose: bool = True, on_step=None) -> TrainResult:
@@ -494,33 +504,29 @@ def train(pairs_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: TrainC
     """
     from tqdm import tqdm
 
-    from selftransfer_trainer.pairs import Pairs, PatchSampler
+    from selftransfer_trainer.pairs import PatchSampler
+    from selftransfer_trainer.validate import Validator
     from selftransfer_trainer.weights import initial_model
 
     t_call = time.perf_counter()
-    pairs = Pairs(pairs_path)  # first: a wrong pairs path must not leave an empty run folder behind
+
+    # The pairs, the run folder, and the checkpoint a resumed run continues from.
+    pairs = open_pairs(pairs_path, cfg)  # first: a wrong pairs file must not leave an empty run folder behind
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
+        pairs.close()
         raise UserError(f"{out_dir}: exists and is not a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out_dir)
     ckpt_path = out_dir / CHECKPOINT
     ckpt = load_checkpoint(ckpt_path) if resume and ckpt_path.is_file() else None
-    if ckpt is not None:
-        diff = config_differences(ckpt["train_config"], cfg)
-        if diff:
-            raise UserError(f"{ckpt_path} was made with other settings ({'; '.join(diff)}); "
-                            "resume with the same settings, or start over without --resume")
-
+    if ckpt is not None and (diff := config_differences(ckpt["train_config"], cfg)):
+        raise UserError(f"{ckpt_path} was made with other settings ({'; '.join(diff)}); resume with the same "
+                        f"settings, or start over without {flag('resume')}")
     scale = pairs.scale
-    if cfg.scale and cfg.scale != scale:
-        raise UserError(f"--scale {cfg.scale} does not match {pairs_path}, which holds x{scale} pairs")
-    if not pairs.val_indices:
-        raise UserError(f"{pairs_path} has no validation frames: cannot tell whether training helps")
-    if not pairs.train_indices:
-        raise UserError(f"{pairs_path} has no training frames")
     mcfg = ModelConfig(arch=cfg.arch, scale=scale, group=4 if cfg.arch == "carn_m" else 1)
 
+    # Device, precision, threads.
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     threads = resolve_threads(cfg.threads)
@@ -531,7 +537,7 @@ def train(pairs_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: TrainC
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
 
-    # Model and data. The seed fixes a random init ("none") and the sampler's patch stream.
+    # Model, optimizer, data. The seed fixes a random init ("none") and the sampler's patch stream.
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
@@ -542,79 +548,59 @@ def train(pairs_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: TrainC
         try:
             model = initial_model(mcfg, init)
         except (ValueError, RuntimeError) as e:
-            raise UserError(f"--init {init}: {e}") from None
+            raise UserError(f"{flag('init')} {init}: {e}") from None
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device=device, memory_format=memory_format).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "amp")
     sampler = PatchSampler(pairs, patch=cfg.patch, batch=cfg.batch, seed=cfg.seed)
-
-    val_uint8 = [pairs.val_pair(i) for i in range(len(pairs.val_indices))]
-    val_frames = [(to_chw_float(lr), to_chw_float(hr)) for lr, hr in val_uint8]
+    validate = Validator([pairs.val_pair(i) for i in range(len(pairs.val_indices))], scale, model, device,
+                         backend=cfg.val_backend, threads=threads, channels_last=cfg.channels_last,
+                         tile=cfg.val_tile, overlap=cfg.val_overlap)
     val_indices = list(pairs.val_indices)
     pairs.close()  # the sampler holds the training frames in memory
 
-    # ONNX Runtime validates about twice as fast as eager PyTorch on the CPU, but its graph costs seconds to
-    # export once: "auto" uses it when the validation frames are large enough for that to pay back.
-    val_pixels = sum(lr.shape[1] * lr.shape[2] for lr, _ in val_frames)
-    onnx_runner = None
-    if device.type == "cpu" and (cfg.val_backend == "ort" or (cfg.val_backend == "auto"
-                                                               and val_pixels >= ORT_MIN_VAL_PIXELS)):
-        try:
-            import onnx  # noqa: F401
-            import onnxruntime  # noqa: F401
-        except ImportError:
-            if cfg.val_backend == "ort":
-                raise UserError("validation through ONNX Runtime needs the onnx and onnxruntime packages "
-                                "(pip install onnx onnxruntime)") from None
-        else:
-            onnx_runner = OnnxRunner(model, threads)
-
+    # Where the run stands: fresh (the baselines, scored once: what the run has to beat) or resumed.
     if ckpt is None:
-        # Baselines, once: what the run has to beat.
         t0 = time.perf_counter()
-        bicubic = bicubic_psnr(val_uint8, scale)
+        bicubic = validate.bicubic()
         t1 = time.perf_counter()
-        generic = validate(model, val_frames, scale, device, cfg, onnx_runner)
+        generic = validate(model)
         val_s = time.perf_counter() - t1
         if verbose:
-            log(f"validation on {len(val_frames)} held-out frames: bicubic {bicubic:.3f} dB, generic {generic:.3f} dB "
-                f"({val_s:.1f} s per validation, bicubic {t1 - t0:.1f} s)", None)
+            log(f"validation on {len(val_indices)} held-out frames: bicubic {bicubic:.3f} dB, generic {generic:.3f} "
+                f"dB ({val_s:.1f} s per validation, bicubic {t1 - t0:.1f} s)", None)
         step = 0
-        sched = {"s0": 0, "p0": 0.0, "horizon": None if cfg.minutes else cfg.steps, "warmup": warmup_for(cfg)}
-        best = {"step": 0, "psnr_y": generic, "model": cpu_state(model.state_dict())}
-        state = {
-            "bicubic_psnr_y": bicubic, "generic_psnr_y": generic, "history": [], "losses": [],
-            "validated_quarters": 0, "elapsed_s": time.perf_counter() - t_call, "step_s": 0.0, "timed_steps": 0,
-            "train_s": 0.0,
-            # A zero steps budget is allowed: it scores bicubic and generic, and ships generic.
-            "val_s": val_s, "n_val": 1, "planned": not cfg.minutes, "done": cfg.steps == 0 and not cfg.minutes,
-        }
+        sched = Schedule(s0=0, p0=0.0, horizon=None if cfg.minutes else cfg.steps, warmup=warmup_for(cfg))
+        best = Best(step=0, psnr_y=generic, model=cpu_state(model.state_dict()))
+        # A zero steps budget is allowed: it scores bicubic and generic, and ships generic.
+        state = RunState(bicubic_psnr_y=bicubic, generic_psnr_y=generic, val_s=val_s, n_val=1,
+                         planned=not cfg.minutes, done=cfg.steps == 0 and not cfg.minutes)
     else:
         optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt["scaler"]:
             scaler.load_state_dict(ckpt["scaler"])
         sampler.load_state_dict(ckpt["sampler"])
         set_rng_states(ckpt["rng"])
-        step, sched, state = ckpt["step"], dict(ckpt["schedule"]), ckpt["state"]
-        best = dict(ckpt["best"], model=ckpt["model"])
+        step, sched, state = ckpt["step"], Schedule(**ckpt["schedule"]), RunState(**ckpt["state"])
+        best = Best(model=ckpt["model"], **ckpt["best"])
         if verbose:
-            log(f"resuming {ckpt_path} at step {step}/{sched['horizon']}", None)
+            log(f"resuming {ckpt_path} at step {step}/{sched.horizon}", None)
     budget_s = cfg.minutes * 60.0
-    elapsed_before = state["elapsed_s"] if ckpt is not None else 0.0  # time of the calls this one resumes
+    elapsed_before = state.elapsed_s if ckpt is not None else 0.0  # time of the calls this one resumes
 
     def elapsed() -> float:
         return elapsed_before + (time.perf_counter() - t_call)
 
     def checkpoint() -> None:
-        state["elapsed_s"] = elapsed()
-        save_checkpoint(ckpt_path, {
-            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-            "step": step, "schedule": sched, "state": state,
+        state.elapsed_s = elapsed()
+        save_torch(ckpt_path, {
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": step,
+            "schedule": dataclasses.asdict(sched), "state": dataclasses.asdict(state),
             # "model" is what would ship if the run stopped now (the best validated weights, generic at first), so
             # `selftransfer export checkpoint.pt` does the right thing; the weights being trained are "train_model".
-            "model": best["model"], "best": {"step": best["step"], "psnr_y": best["psnr_y"]},
+            "model": best.model, "best": {"step": best.step, "psnr_y": best.psnr_y},
             "train_model": cpu_state(model.state_dict()), "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict() if scaler.is_enabled() else {},
             "sampler": sampler.state_dict(), "rng": rng_states(),
@@ -622,33 +608,26 @@ def train(pairs_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: TrainC
             "pairs": {"path": str(Path(pairs_path).resolve()), "scale": scale, "val_indices": val_indices},
         })
 
-    def timing() -> tuple[float, float]:
-        """Measured seconds per step and per validation."""
-        return state["step_s"] / max(1, state["timed_steps"]), state["val_s"] / state["n_val"]
-
     if ckpt is None:
         checkpoint()  # the baselines are never measured twice
-    autocast = (torch.autocast("cuda", dtype=torch.float16) if precision == "amp" else
-                torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else None)
+    autocast = autocast_for(precision)
     show = progress if progress is not None else sys.stderr.isatty()
-    bar = tqdm(total=None if sched["horizon"] is None else max(sched["horizon"], step), initial=step,
+    bar = tqdm(total=None if sched.horizon is None else max(sched.horizon, step), initial=step,
                disable=not show, file=sys.stderr, unit="step", dynamic_ncols=True, desc="fine-tune")
     last_ckpt = time.perf_counter()
     batches = iter(sampler)
 
-    while not state["done"]:
+    while not state.done:
+        # One optimizer step.
         t_step = time.perf_counter()
-        lr, hr = next(batches)
-        lr = lr.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-        hr = hr.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        lr_patches, hr_patches = next(batches)
+        lr_patches = lr_patches.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        hr_patches = hr_patches.to(device, non_blocking=True).contiguous(memory_format=memory_format)
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step, sched, cfg)
-        if autocast is not None:
-            with autocast:
-                sr = model(lr)
-        else:
-            sr = model(lr)
-        loss = F.l1_loss(sr.float(), hr)
+        with autocast():
+            sr = model(lr_patches)
+        loss = F.l1_loss(sr.float(), hr_patches)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if cfg.grad_clip:
@@ -658,54 +637,55 @@ def train(pairs_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: TrainC
         scaler.update()
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value):
-            raise RuntimeError(f"training diverged at step {step + 1} (loss {loss_value}); lower --lr")
+            raise RuntimeError(f"training diverged at step {step + 1} (loss {loss_value}); lower {flag('lr')}")
         step += 1
-        state["losses"].append(loss_value)
-        state["train_s"] += time.perf_counter() - t_step  # every step, for time-to-quality figures
+        state.losses.append(loss_value)
+        state.train_s += time.perf_counter() - t_step
         if step > 1:  # the first step pays for allocations and would skew the estimate
-            state["step_s"] += time.perf_counter() - t_step
-            state["timed_steps"] += 1
+            state.step_s += time.perf_counter() - t_step
+            state.timed_steps += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}", val=f"{best['psnr_y']:.2f}dB", refresh=False)
+        bar.set_postfix(loss=f"{loss_value:.4f}", val=f"{best.psnr_y:.2f}dB", refresh=False)
 
+        # A minutes budget: the first horizon once the step time is known; an early end when time runs out.
         if budget_s:
-            s_step, s_val = timing()
-            if not state["planned"] and step >= PROBE_STEPS:
-                # The first horizon, now that the step time is known.
-                sched = replan(step, sched, cfg, budget_s - elapsed(), s_step, s_val, state["validated_quarters"])
-                state["planned"] = True
+            if not state.planned and step >= PROBE_STEPS:
+                sched = replan(step, sched, cfg, budget_s - elapsed(), state.s_per_step(), state.s_per_validation(),
+                               state.validated_quarters)
+                state.planned = True
                 if verbose:
-                    log(f"minutes budget: {s_step:.2f} s/step, {s_val:.1f} s/validation: planning "
-                        f"{sched['horizon']} steps", bar)
-            if budget_s - elapsed() < s_step + s_val:
+                    log(f"minutes budget: {state.s_per_step():.2f} s/step, {state.s_per_validation():.1f} "
+                        f"s/validation: planning {sched.horizon} steps", bar)
+            if budget_s - elapsed() < state.s_per_step() + state.s_per_validation():
                 # Out of time: end here, with the final validation.
-                sched = {**sched, "s0": step, "p0": progress_at(step, sched), "horizon": step}
-                state["planned"] = True
-            if sched["horizon"] is not None:
-                bar.total = max(sched["horizon"], step)
+                sched = Schedule(s0=step, p0=progress_at(step, sched), horizon=step, warmup=sched.warmup)
+                state.planned = True
+            if sched.horizon is not None:
+                bar.total = max(sched.horizon, step)
 
-        if state["planned"] and due_validation(step, sched, cfg, state["validated_quarters"]):
+        # Validation (and the best weights), then a checkpoint; or a checkpoint when it is time for one.
+        if state.planned and due_validation(step, sched, cfg, state.validated_quarters):
             t_val = time.perf_counter()
-            score = validate(model, val_frames, scale, device, cfg, onnx_runner)
-            state["val_s"] += time.perf_counter() - t_val
-            state["n_val"] += 1
-            state["validated_quarters"] = math.floor(progress_at(step, sched) * 4 + 1e-9)
-            window = state["losses"][-min(20, step):]
-            state["history"].append({"step": step, "psnr_y": score, "loss": float(np.mean(window)),
-                                     "lr": lr_at(step - 1, sched, cfg), "elapsed_s": elapsed(),
-                                     "train_s": state["train_s"]})
-            if score > best["psnr_y"]:
-                best = {"step": step, "psnr_y": score, "model": cpu_state(model.state_dict())}
+            score = validate(model)
+            state.val_s += time.perf_counter() - t_val
+            state.n_val += 1
+            state.validated_quarters = math.floor(progress_at(step, sched) * 4 + 1e-9)
+            window = state.losses[-min(20, step):]
+            state.history.append({"step": step, "psnr_y": score, "loss": float(np.mean(window)),
+                                  "lr": lr_at(step - 1, sched, cfg), "elapsed_s": elapsed(),
+                                  "train_s": state.train_s})
+            if score > best.psnr_y:
+                best = Best(step=step, psnr_y=score, model=cpu_state(model.state_dict()))
             if verbose:
-                log(f"step {step}/{sched['horizon']}: loss {np.mean(window):.4f}, val {score:.3f} dB "
-                    f"(generic {state['generic_psnr_y']:.3f}, best {best['psnr_y']:.3f} at step {best['step']})", bar)
+                log(f"step {step}/{sched.horizon}: loss {np.mean(window):.4f}, val {score:.3f} dB "
+                    f"(generic {state.generic_psnr_y:.3f}, best {best.psnr_y:.3f} at step {best.step})", bar)
             bar.set_postfix(loss=f"{loss_value:.4f}", val=f"{score:.2f}dB", refresh=True)
-            if budget_s and step < sched["horizon"]:
-                s_step, s_val = timing()
-                sched = replan(step, sched, cfg, budget_s - elapsed(), s_step, s_val, state["validated_quarters"])
-                bar.total = max(sched["horizon"], step)
+            if budget_s and step < sched.horizon:
+                sched = replan(step, sched, cfg, budget_s - elapsed(), state.s_per_step(), state.s_per_validation(),
+                               state.validated_quarters)
+                bar.total = max(sched.horizon, step)
             # Done at the horizon; a replanned horizon at this very step means no time is left for another.
-            state["done"] = step >= sched["horizon"]
+            state.done = step >= sched.horizon
             checkpoint()
             last_ckpt = time.perf_counter()
         elif time.perf_counter() - last_ckpt >= cfg.checkpoint_seconds:
@@ -716,62 +696,50 @@ def train(pairs_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: TrainC
     bar.close()
 
     # The result: the best validated weights, or the generic ones when nothing beat them.
-    shipped = "selftransfer" if best["step"] > 0 else "generic"
-    tuned = [h["psnr_y"] for h in state["history"]]
-    selftransfer_psnr = max(tuned) if tuned else None
-    if shipped == "generic":
-        why = ("no training step ran" if not tuned else
-               f"no fine-tuned step beat the generic weights on validation (best {selftransfer_psnr:.3f} dB vs "
-               f"generic {state['generic_psnr_y']:.3f} dB)")
-        message = f"shipping the generic weights: {why}"
-    else:
-        message = (f"shipping step {best['step']}: {best['psnr_y']:.3f} dB vs generic {state['generic_psnr_y']:.3f} dB "
-                   f"(+{best['psnr_y'] - state['generic_psnr_y']:.3f} dB), bicubic {state['bicubic_psnr_y']:.3f} dB")
     shipped_model = build_model(mcfg)
-    shipped_model.load_state_dict(best["model"])
+    shipped_model.load_state_dict(best.model)
     shipped_model.eval()
-    s_per_step = state["step_s"] / state["timed_steps"] if state["timed_steps"] else None
+    tuned = [h["psnr_y"] for h in state.history]
+    s_per_step = state.s_per_step() if state.timed_steps else None
     result = TrainResult(
-        shipped=shipped, model=shipped_model, model_config=mcfg, train_config=cfg,
-        bicubic_psnr_y=state["bicubic_psnr_y"], generic_psnr_y=state["generic_psnr_y"],
-        selftransfer_psnr_y=selftransfer_psnr, shipped_psnr_y=best["psnr_y"], steps=step, best_step=best["step"],
-        horizon=sched["horizon"], s_per_step=s_per_step, images_per_s=cfg.batch / s_per_step if s_per_step else None,
-        wall_s=elapsed(), device=str(device), precision=precision, threads=threads,
-        val_frames=val_indices, history=state["history"], losses=state["losses"], message=message)
-    from vs_selftransfer.files import atomic_write
-
-    buf = io.BytesIO()
-    torch.save({"model": best["model"], "model_config": mcfg.to_dict(), "validation": result.validation()}, buf)
-    atomic_write(out_dir / MODEL, buf.getvalue())
+        shipped="selftransfer" if best.step > 0 else "generic", model=shipped_model, model_config=mcfg,
+        train_config=cfg, bicubic_psnr_y=state.bicubic_psnr_y, generic_psnr_y=state.generic_psnr_y,
+        selftransfer_psnr_y=max(tuned) if tuned else None, shipped_psnr_y=best.psnr_y, steps=step,
+        best_step=best.step, horizon=sched.horizon, s_per_step=s_per_step,
+        images_per_s=cfg.batch / s_per_step if s_per_step else None, wall_s=elapsed(), device=str(device),
+        precision=precision, threads=threads, val_frames=val_indices, history=state.history, losses=state.losses,
+        message=shipping_message(best, state))
+    save_torch(out_dir / MODEL, {"model": best.model, "model_config": mcfg.to_dict(),
+                                 "validation": result.validation()})
     write_json(out_dir / RESULT, result.to_dict())
     if verbose:
-        log(message, None)
+        log(result.message, None)
     return result
 
 
-# -- CLI ----------------------------------------------------------------------------------------------------------
+# -- CLI ------------------------------------------------------------------------------------------------------------
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """Training options shared by ``train`` and ``fit``."""
+    """Training options shared by ``train`` and ``fit`` (their flags are FLAGS')."""
     d = TrainConfig()
     budget = parser.add_mutually_exclusive_group()
-    budget.add_argument("--steps", type=int, default=None, help="budget in optimizer steps (deterministic)")
-    budget.add_argument("--minutes", type=float, default=None,
+    budget.add_argument(FLAGS["steps"], type=int, default=None, help="budget in optimizer steps (deterministic)")
+    budget.add_argument(FLAGS["minutes"], type=float, default=None,
                         help="budget in wall-clock minutes for the training stage (default: 5)")
-    parser.add_argument("--init", default="official",
-                        help="initial weights: official (downloaded once, checksummed), none, or a .pth/.safetensors/"
-                             ".stm path (default: official)")
-    parser.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
-    parser.add_argument("--batch", type=int, default=d.batch, help=f"patches per step (default {d.batch})")
-    parser.add_argument("--patch", type=int, default=d.patch, help=f"LR patch side in px (default {d.patch})")
-    parser.add_argument("--val-every", type=int, default=d.val_every,
+    parser.add_argument(FLAGS["init"], default="official",
+                        help="initial weights: official (the CARN-M weights shipped with selftransfer), none, or a "
+                             ".pth/.safetensors/.stm path (default: official)")
+    parser.add_argument(FLAGS["lr"], type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
+    parser.add_argument(FLAGS["batch"], type=int, default=d.batch, help=f"patches per step (default {d.batch})")
+    parser.add_argument(FLAGS["patch"], type=int, default=d.patch, help=f"LR patch side in px (default {d.patch})")
+    parser.add_argument(FLAGS["val_every"], type=int, default=d.val_every,
                         help="steps between validations (default 0: four, evenly spaced, the last at the end)")
-    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the init and the patch stream")
-    parser.add_argument("--device", choices=DEVICES, default=d.device, help="auto: CUDA when available")
-    parser.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+    parser.add_argument(FLAGS["seed"], type=int, default=d.seed, help="seed of the init and the patch stream")
+    parser.add_argument(FLAGS["device"], choices=DEVICES, default=d.device, help="auto: CUDA when available")
+    parser.add_argument(FLAGS["precision"], choices=PRECISIONS, default=d.precision,
                         help="auto: fp16 AMP on CUDA, fp32 on the CPU; bf16: CPU autocast (needs native bf16 to pay)")
-    parser.add_argument("--threads", type=int, default=d.threads, help="CPU threads (default 0: all cores)")
-    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    parser.add_argument(FLAGS["threads"], type=int, default=d.threads, help="CPU threads (default 0: all cores)")
+    parser.add_argument(FLAGS["resume"], action="store_true", help="continue from the last checkpoint")
 
 
 def config_from_args(args, scale: int = 0) -> TrainConfig:
@@ -782,15 +750,15 @@ def config_from_args(args, scale: int = 0) -> TrainConfig:
         return TrainConfig(scale=scale, steps=steps or 0, minutes=float(minutes or 0.0), lr=args.lr, batch=args.batch,
                            patch=args.patch, val_every=args.val_every, seed=args.seed, device=args.device,
                            precision=args.precision, threads=args.threads)
-    except ValueError as e:
-        raise UserError(str(e).replace("train config ", "--").replace("_", "-")) from None
+    except ConfigError as e:
+        raise UserError(e.for_cli()) from None
 
 
 def check_budget_args(args) -> None:
     if args.steps is not None and args.steps < 0:
-        raise UserError(f"--steps must be >= 0, not {args.steps}")
+        raise UserError(f"{flag('steps')} must be >= 0, not {args.steps}")
     if args.minutes is not None and not (math.isfinite(args.minutes) and args.minutes > 0):
-        raise UserError(f"--minutes must be a positive number, not {args.minutes}")
+        raise UserError(f"{flag('minutes')} must be a positive number, not {args.minutes}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -803,6 +771,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     check_budget_args(args)
+    cfg = config_from_args(args)
     pairs = Path(args.pairs)
     if not pairs.is_file():
         raise UserError(f"{pairs}: pairs file not found" if not pairs.exists() else f"{pairs}: not a file")
@@ -810,8 +779,8 @@ def run(args) -> int:
     if out.exists() and not out.is_dir():
         raise UserError(f"-o {out}: exists and is not a directory")
     if (out / CHECKPOINT).exists() and not (args.resume or args.force):
-        raise UserError(f"{out / CHECKPOINT} exists: pass --resume to continue that run or --force to start over")
-    cfg = config_from_args(args)
+        raise UserError(f"{out / CHECKPOINT} exists: pass {flag('resume')} to continue that run or --force to start "
+                        f"over")
     result = train(pairs, out, cfg, init=args.init, resume=args.resume, progress=True if args.progress else None)
     print(json.dumps(result.validation(), indent=2))
     print(f"s/step {result.s_per_step:.3f}" if result.s_per_step else "no step timed", file=sys.stderr)

@@ -15,6 +15,27 @@ import numpy as np
 from vs_selftransfer.bundle import Bundle
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+# /proc/cpuinfo flags that make a precision native on x86 CPUs: bf16 dot products (AVX512-BF16, AMX-BF16) and int8
+# dot products without the AVX2 u8*s8 pair-add saturation (AVX512-VNNI, AVX-VNNI, AMX-INT8).
+NATIVE_FLAGS = {"bf16": ("amx_bf16", "avx512_bf16"), "int8": ("amx_int8", "avx512_vnni", "avx_vnni")}
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux reports them (first processor of /proc/cpuinfo); empty where unreadable."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def native_support(precision: str, flags=None) -> str | None:
+    """The flag that makes ``precision`` native on this CPU (the fastest one, AMX first), or None."""
+    flags = cpu_flags() if flags is None else flags
+    return next((f for f in NATIVE_FLAGS.get(precision, ()) if f in flags), None)
 
 
 def parse_device(device: str) -> tuple[str, int]:
@@ -52,6 +73,16 @@ def check_args(backend: str, bundle, device: str, precision: str, threads: int, 
             raise ValueError(f"window must be None or (height, width) positive integers, not {window!r}")
         window = (int(h), int(w))
     return kind, index, window
+
+
+def onnx_member(bundle, precision: str) -> str:
+    """The graph the ONNX-reading backends (ort, ov) open for ``precision``: the calibrated ``model.int8.onnx`` for
+    int8 (ValueError when the bundle has none), else ``model.onnx``."""
+    member = "model.int8.onnx" if precision == "int8" else "model.onnx"
+    if not bundle.has(member):
+        raise ValueError(f"{bundle.path}: precision int8 needs a calibrated model.int8.onnx, which this bundle "
+                         f"does not have; use precision fp32")
+    return member
 
 
 def check_input(backend: str, x, window: tuple[int, int] | None) -> np.ndarray:

@@ -8,13 +8,18 @@ shapes an engine (model hash, shape, precision, torch/torch-tensorrt/TensorRT ve
 capability), so a later run with the same key loads it in a second instead of building it in minutes.
 Engines carry code (TorchScript): the bundle's engine is only opened because the user chose ``backend="trt"``.
 Built engines are checked against the weights before use and before caching.
+
+Engine building lives here too (``tensorrt_bytes``): ``selftransfer export`` uses it for the bundle's engine.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import io
-import os
 import json
+import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -24,6 +29,13 @@ from vs_selftransfer.backend_base import check_args, check_input, parse_device
 
 DEVICES = ("cuda",)
 PRECISIONS = ("fp16", "fp32")
+# The bundle's engine profile (LR input, NCHW): from small tiles to a whole 1080p frame, tuned for whole 1080p frames.
+TRT_SHAPES = {"min": (1, 3, 16, 16), "opt": (1, 3, 1080, 1920), "max": (1, 3, 1088, 1920)}
+# An fp16 engine cannot meet the fp32 check bound: fp16 has an 11-bit mantissa (about 5e-4 relative on values near
+# 1) and the error accumulates over CARN-M's ~40 convolutions. 2e-2 is about 5 levels of 8-bit output: it catches a
+# broken engine (wrong weights, wrong layout, garbage) while accepting honest half-precision rounding. fp32 engines
+# convolve in TF32 on Ampere and later (10-bit mantissa, like fp16): the same bound applies to them.
+TRT_FP16_TOLERANCE = 2e-2
 
 
 def available(device: str = "cuda") -> str | None:
@@ -55,6 +67,90 @@ def engine_dir() -> Path:
     base = os.environ.get("SELFTRANSFER_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "selftransfer")
     return Path(base) / "engines"
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence torch-tensorrt's build chatter and TorchScript's deprecation FutureWarning (TorchScript is what
+    torch-tensorrt serializes engines to)."""
+    logger = logging.getLogger("torch_tensorrt")
+    level = logger.level
+    try:
+        logger.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def tensorrt_bytes(model, shapes: dict, precision: str = "fp16", device=None) -> tuple[bytes, dict]:
+    """A TensorRT engine of ``model`` (a CARN) for the input range ``shapes`` (min/opt/max NCHW; all equal for a
+    static engine), wrapped in TorchScript, and the facts that tie it to this machine (the manifest's ``tensorrt``
+    block: GPU, TensorRT version, shapes, precision).
+
+    For fp16 the model is cast to half before compiling, so the engine is fp16 by construction whatever TensorRT's
+    typing mode (strong typing is the default from TensorRT 10); its input and output are then float16.
+    """
+    import tempfile
+
+    import torch
+    import torch_tensorrt
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"TensorRT engines are built in fp16 or fp32, not {precision!r}")
+    dtype = torch.half if precision == "fp16" else torch.float32
+    device = device or torch.device("cuda", torch.cuda.current_device())
+    net = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
+    spec = torch_tensorrt.Input(min_shape=shapes["min"], opt_shape=shapes["opt"], max_shape=shapes["max"],
+                                dtype=dtype)
+    with torch.no_grad(), torch.cuda.device(device):
+        compiled = torch_tensorrt.compile(net, ir="dynamo", inputs=[spec], enabled_precisions={dtype},
+                                          min_block_size=1, use_python_runtime=False)
+        example = torch.rand(shapes["opt"], device=device, dtype=dtype)
+        with tempfile.TemporaryDirectory() as tmp, _quiet():
+            file = os.path.join(tmp, "model.trt.ts")
+            torch_tensorrt.save(compiled, file, output_format="torchscript", arg_inputs=[example])
+            data = Path(file).read_bytes()
+    facts = machine_facts(device)
+    info = {
+        "precision": precision,
+        "input_dtype": "float16" if precision == "fp16" else "float32",
+        "min_shape": list(shapes["min"]),
+        "opt_shape": list(shapes["opt"]),
+        "max_shape": list(shapes["max"]),
+        **{k: facts[k] for k in ("torch_tensorrt", "tensorrt", "cuda", "gpu", "compute_capability")},
+    }
+    return data, info
+
+
+def load_engine(data: bytes, device=None):
+    """A serialized engine (``model.trt.ts``) loaded on ``device`` (default: the current CUDA device), eval mode."""
+    import torch
+    import torch_tensorrt  # noqa: F401 - registers the TensorRT engine class the TorchScript refers to
+
+    device = device or torch.device("cuda", torch.cuda.current_device())
+    with _quiet():
+        return torch.jit.load(io.BytesIO(data), map_location=device).eval()
+
+
+def engine_runner(data: bytes, precision: str = "fp16", device=None):
+    """The tiling function's ``run`` for a serialized engine: float32 numpy in and out, whatever the engine's type."""
+    import torch
+
+    from vs_selftransfer.model import torch_runner
+
+    device = device or torch.device("cuda", torch.cuda.current_device())
+    dtype = torch.half if precision == "fp16" else torch.float32
+    return torch_runner(load_engine(data, device), device, channels_last=False, dtype=dtype)
+
+
+def trt_check_shapes(shapes: dict) -> list[tuple[int, ...]]:
+    """Check shapes inside an engine's profile: its smallest shape and an odd one near 37x53 (clamped to the range)."""
+    lo, hi = shapes["min"], shapes["max"]
+    odd = tuple(min(hi[i], max(lo[i], v)) for i, v in enumerate((1, 3, 37, 53)))
+    return [tuple(lo)] if odd == tuple(lo) else [tuple(lo), odd]
 
 
 def machine_facts(device) -> dict:
@@ -116,9 +212,9 @@ class Backend:
         if (reason := available(device)) is not None:
             raise RuntimeError(f"the trt backend cannot run on {device!r}: {reason}")
         import torch
-        import torch_tensorrt  # noqa: F401 - registers the TensorRT engine class the TorchScript refers to
 
-        self._torch = torch
+        from vs_selftransfer.model import torch_runner
+
         self.torch_device = torch.device("cuda", index)
         self.dtype = torch.float16 if precision == "fp16" else torch.float32
         facts = machine_facts(self.torch_device)
@@ -135,6 +231,7 @@ class Backend:
             path = engine_dir() / f"{key}.ts"
             self.module = self._cached(path) or self._build(bundle, shape, precision, path)
             self.source = str(path)
+        self._run = torch_runner(self.module, self.torch_device, channels_last=False, dtype=self.dtype)
         self.scale = bundle.scale
         self.precision = precision
         self.device = device
@@ -142,9 +239,7 @@ class Backend:
 
     def _load(self, data: bytes, what: str):
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                return self._torch.jit.load(io.BytesIO(data), map_location=self.torch_device).eval()
+            return load_engine(data, self.torch_device)
         except Exception as e:  # noqa: BLE001
             raise RuntimeError(f"{what}: cannot load the TensorRT engine: {e}") from None
 
@@ -157,22 +252,19 @@ class Backend:
             return None  # stale or damaged cache entry: rebuild it (and overwrite it atomically)
 
     def _build(self, bundle, shape, precision, path: Path):
-        from selftransfer_trainer.export import TRT_FP16_TOLERANCE, _check_graph, tensorrt_bytes, trt_check_shapes
         from vs_selftransfer.files import atomic_write
+        from vs_selftransfer.graph_check import check_graph
+        from vs_selftransfer.model import torch_runner
 
-        model = bundle.torch_model()
+        model = bundle.torch_model().eval()
         shapes = {"min": shape, "opt": shape, "max": shape}
         data, _ = tensorrt_bytes(model, shapes, precision, self.torch_device)
         module = self._load(data, f"engine built for {bundle.path}")
-        # fp32 engines convolve in TF32 on Ampere and later (10-bit mantissa, like fp16): the same bound applies.
-        tolerance = TRT_FP16_TOLERANCE
-
-        def run(x):
-            with self._torch.inference_mode():
-                return module(self._torch.from_numpy(x).to(self.torch_device, self.dtype)).float().cpu().numpy()
-        # A failing check raises ExportCheckError: a wrong engine is never used nor cached.
-        _check_graph(f"TensorRT engine for {bundle.path}", lambda: run, model.eval(), tolerance,
-                     shapes=trt_check_shapes(shapes))
+        run = torch_runner(module, self.torch_device, channels_last=False, dtype=self.dtype)
+        # A failing check raises GraphCheckError: a wrong engine is never used nor cached.
+        check_graph(f"the TensorRT engine built for {bundle.path}", lambda: run,
+                    torch_runner(model, "cpu", channels_last=False), TRT_FP16_TOLERANCE,
+                    shapes=trt_check_shapes(shapes))
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(path, data)
@@ -182,10 +274,7 @@ class Backend:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = check_input(self.name, x, self.window)
-        torch = self._torch
         try:
-            with torch.inference_mode():
-                y = self.module(torch.from_numpy(x).to(self.torch_device, self.dtype, non_blocking=False))
-            return y.to("cpu", torch.float32).numpy()
+            return self._run(x)
         except Exception as e:  # noqa: BLE001
             raise RuntimeError(f"trt backend: inference failed on input {x.shape}: {e}") from None

@@ -40,11 +40,15 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        check_known_keys(cls, d, "model config")
         return cls(**d)
+
+
+def check_known_keys(config_class, d: dict, what: str) -> None:
+    """Refuse keys a config dataclass does not have: a manifest or checkpoint from another version, or a typo."""
+    unknown = set(d) - {f.name for f in dataclasses.fields(config_class)}
+    if unknown:
+        raise ValueError(f"unknown {what} keys: {sorted(unknown)}")
 
 
 class MeanShift(nn.Module):
@@ -195,6 +199,30 @@ RECEPTIVE_RADIUS = 22
 
 def build_model(cfg: ModelConfig) -> CARN:
     return ARCHS[cfg.arch](cfg)
+
+
+def torch_runner(model, device="cpu", *, channels_last: bool | None = None, dtype: torch.dtype | None = None):
+    """The one way to run a PyTorch network (an eager CARN, or a TorchScript or TensorRT module) as the ``run``
+    callable of ``vs_selftransfer.tiling``: (N, 3, h, w) float32 numpy -> a new C-contiguous float32 numpy array
+    (N, 3, sh, sw). Used by training validation, evaluation, the export checks and the TensorRT backend.
+
+    The model must already be on ``device`` (and in eval mode): it is run as it is, never moved or changed, so a
+    model being trained can be validated in place. ``channels_last``: feed channels-last tensors, the faster layout
+    for these convolutions on the CPU (None: on the CPU only). ``dtype``: the input type the module takes
+    (float16 for an fp16 TensorRT engine; default float32); the output is float32 whatever the module computes in.
+    """
+    device = torch.device(device)
+    layout = torch.channels_last if (device.type == "cpu" if channels_last is None else channels_last) \
+        else torch.contiguous_format
+    dtype = dtype or torch.float32
+
+    def run(x):
+        t = torch.from_numpy(x).to(device, dtype).contiguous(memory_format=layout)
+        with torch.inference_mode():
+            y = model(t)
+        return y.to("cpu", torch.float32).contiguous().numpy()
+
+    return run
 
 
 def official_to_single_scale(state: dict, scale: int) -> dict:

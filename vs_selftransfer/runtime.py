@@ -19,9 +19,11 @@ import os
 
 import numpy as np
 
-from vs_selftransfer.backend_base import PRECISIONS, parse_device
+from vs_selftransfer.backend_base import NATIVE_FLAGS, PRECISIONS, cpu_flags, native_support, parse_device
 from vs_selftransfer.bundle import Bundle, BundleError
-from vs_selftransfer.tiling import tiled_upscale, window_shape
+from vs_selftransfer.tiling import OVERLAP, auto_tile, tiled_upscale, window_shape
+# The tile rule's numbers, read from here by pipeline/upscale.py's script comments and by the tests.
+from vs_selftransfer.tiling import AUTO_TILE, AUTO_TILE_MAX_PIXELS  # noqa: F401
 
 # name -> module; each module has `class Backend` and `available(device) -> str | None` (see the backend modules).
 BACKENDS = {
@@ -30,13 +32,8 @@ BACKENDS = {
     "torch": "vs_selftransfer.backend_torch",
     "trt": "vs_selftransfer.backend_trt",
 }
-# Context around each tile: at least the network's receptive radius (vs_selftransfer.model.RECEPTIVE_RADIUS = 22 LR px for
-# CARN/CARN-M), so tiled output equals untiled output; rounded up to a multiple of 8 for aligned windows.
-DEFAULT_OVERLAP = 24
-# Frames up to this many input pixels (640x360 and 512x512 fit) run whole; larger ones in AUTO_TILE tiles, which
-# bounds the memory of the network's activations (about 1.5 kB per input pixel for CARN-M in fp32).
-AUTO_TILE_MAX_PIXELS = 512 * 512
-AUTO_TILE = 384
+# ``overlap``'s default: the one overlap of vs_selftransfer.tiling (``tilesize``'s default is its auto_tile rule).
+DEFAULT_OVERLAP = OVERLAP
 MIN_TILE = 8
 MAX_OVERLAP = 512
 MAX_STREAMS = 64
@@ -67,9 +64,8 @@ def _text_arg(name: str, value, default: str) -> str:
 def parse_tilesize(tilesize, width: int, height: int) -> tuple[int, int]:
     """tilesize: None (automatic), W, [W] or [W, H] in input pixels, 0 = no tiling on that axis -> (tile_h, tile_w)."""
     if tilesize is None:
-        if width * height <= AUTO_TILE_MAX_PIXELS:
-            return 0, 0
-        return AUTO_TILE, AUTO_TILE
+        tile = auto_tile(width, height)
+        return tile, tile
     values = [tilesize] if isinstance(tilesize, int) and not isinstance(tilesize, bool) else tilesize
     if not isinstance(values, (list, tuple)) or len(values) not in (1, 2):
         raise ValueError(f"tilesize: give one size or [width, height], not {tilesize!r}")
@@ -107,34 +103,92 @@ def load_backend_module(name: str, device: str):
     return module
 
 
-def _usable(name: str, device: str) -> bool:
-    try:
-        load_backend_module(name, device)
-    except ValueError:
-        return False
-    return True
+def backend_choice(device: str) -> tuple[str, str]:
+    """"auto": (the fastest backend that can run here, why). CPU: OpenVINO (in this process, or in a worker process
+    where vs-mlrt's OpenVINO library is loaded here, see backend_ov), else ONNX Runtime; both read only data
+    members. Intel GPU: OpenVINO. CUDA: PyTorch built from the safetensors weights (data only: the TorchScript and
+    TensorRT members carry code and are opened only when the user names that backend)."""
+    kind, _ = parse_device(device)
+    if kind == "cpu":
+        try:
+            module = load_backend_module("ov", device)
+        except ValueError as e:
+            return "ort", f"ort: OpenVINO, the faster CPU engine, is unusable ({e})"
+        where = module.in_process_unavailable()
+        return "ov", "ov: OpenVINO, the fastest CPU engine, " + (f"in a worker process ({where})" if where
+                                                                  else "in this process")
+    if kind == "gpu":
+        return "ov", "ov: OpenVINO runs Intel GPUs"
+    return "torch", "torch: PyTorch from the bundle's weights (data only) on CUDA"
 
 
 def choose_backend(device: str, bundle: Bundle) -> str:
-    """"auto": the fastest backend that can run here. CPU: OpenVINO when installed, else ONNX Runtime (both read
-    only data members). Intel GPU: OpenVINO. CUDA: PyTorch built from the safetensors weights (data only: the
-    TorchScript and TensorRT members carry code and are opened only when the user names that backend)."""
-    kind, _ = parse_device(device)
-    if kind == "cpu":
-        return "ov" if _usable("ov", device) else "ort"
-    if kind == "gpu":
-        return "ov"
-    return "torch"
+    """"auto" for ``backend``: see :func:`backend_choice`."""
+    return backend_choice(device)[0]
 
 
-def choose_precision(bundle: Bundle, backend: str, device_kind: str) -> str:
-    """"auto": the bundle's per-video int8 graph where the trainer measured it within its quality budget on this
-    engine (manifest ``precision.int8``, see trainer/quantize.py), else fp32."""
-    int8 = bundle.manifest.get("precision", {}).get("int8", {})
-    if (device_kind == "cpu" and bundle.has("model.int8.onnx") and isinstance(int8, dict)
-            and int8.get("accepted") is True and int8.get("engine") == backend):
-        return "int8"
-    return "fp32"
+# What "auto" may pick below fp32 per engine: int8 (a calibrated QDQ graph) and bf16 (the fp32 graph computed in
+# bf16 by OpenVINO). ONNX Runtime has no fast bf16 CPU kernels.
+AUTO_PRECISIONS = {"ov": ("int8", "bf16"), "ort": ("int8",)}
+
+
+def precision_choice(bundle: Bundle, backend: str, device_kind: str, flags=None) -> tuple[str, str]:
+    """"auto" for ``precision``: (precision, why).
+
+    A precision below fp32 is used only where (1) ``fit`` measured it on this video's held-out frames, with this
+    engine, within its Y-PSNR budget of fp32 (manifest ``precision.<p>``: trainer/quantize.py for int8,
+    trainer/precision.py for bf16), and (2) this CPU computes it natively (``flags``: /proc/cpuinfo's by default):
+    bf16 with AVX512-BF16 or AMX, int8 with VNNI or AMX, or, without VNNI, where fit measured the int8 graph faster
+    than fp32. Among those, the one fit measured fastest relative to fp32; otherwise fp32. GPUs: fp32 (their backends' choice)."""
+    if device_kind != "cpu":
+        return "fp32", f"fp32: auto picks lower precisions on the CPU only, not on {device_kind}"
+    records = bundle.manifest.get("precision")
+    records = records if isinstance(records, dict) else {}
+    flags = cpu_flags() if flags is None else flags
+    usable, refused = [], []
+    for order, name in enumerate(AUTO_PRECISIONS.get(backend, ())):
+        record = records.get(name)
+        if not isinstance(record, dict) or not isinstance(record.get("accepted"), bool):
+            refused.append(f"{name} not measured for this bundle")
+            continue
+        loss = record.get("loss_db")
+        loss_text = f"{loss:+.3f} dB" if isinstance(loss, (int, float)) else "unknown loss"
+        if record.get("engine") != backend:
+            refused.append(f"{name} measured on {record.get('engine')!r}, not {backend!r}")
+            continue
+        if record["accepted"] is not True and record.get("measured") is False:
+            refused.append(f"{name} {record.get('reason', 'not measured')}")
+            continue
+        if record["accepted"] is not True:
+            refused.append(f"{name} lost {loss_text} on the held-out frames (budget {record.get('budget_db')} dB)")
+            continue
+        if name == "int8" and not bundle.has("model.int8.onnx"):
+            refused.append("int8 accepted but model.int8.onnx is missing")
+            continue
+        # Speed as fit measured it against fp32 in the same run (records are measured at different times and
+        # loads, so their seconds are compared only through their own fp32).
+        speed = record.get("s_per_val_frame")
+        speed = speed if isinstance(speed, dict) else {}
+        mine, fp32 = speed.get(name), speed.get("fp32")
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in (mine, fp32))
+        speedup = fp32 / mine if numbers else 0.0
+        native = native_support(name, flags)
+        measured_faster = speedup > 1
+        if native is None and not (name == "int8" and measured_faster):
+            refused.append(f"{name} is not native on this CPU (no {'/'.join(NATIVE_FLAGS[name])})")
+            continue
+        how = f"native: {native}" if native else "measured faster than fp32"
+        usable.append((-speedup, order, name, f"{name}: {loss_text} vs fp32 on the video's held-out frames "
+                                             f"(budget {record.get('budget_db')} dB), {how}"))
+    if not usable:
+        return "fp32", "fp32: " + ("; ".join(refused) if refused else f"the {backend} backend runs fp32")
+    _, _, name, why = min(usable)
+    return name, why + ("" if not refused else f" (also: {'; '.join(refused)})")
+
+
+def choose_precision(bundle: Bundle, backend: str, device_kind: str, flags=None) -> str:
+    """"auto" for ``precision``: see :func:`precision_choice`."""
+    return precision_choice(bundle, backend, device_kind, flags)[0]
 
 
 class _Slot:
@@ -175,6 +229,7 @@ class Upscaler:
             except ValueError as e:
                 raise ValueError(f"backend {backend!r} ({precision} on {device}): {e}") from None
             self._slots.append(_Slot(session, self.window, reuse))
+        check_graph(bundle, backend, backend_class, device, precision, threads, options, self._slots[0].backend)
 
     def process(self, slot: int, n: int, src_planes, dst_planes) -> None:
         """Upscale frame ``n`` (its 3 RGB planes, HxW float32) into ``dst_planes`` (sH x sW) using stream ``slot``.
@@ -189,6 +244,74 @@ class Upscaler:
         return (f"Upscaler({self.bundle_path!r}, x{self.scale}, backend={self.backend!r}, device={self.device!r}, "
                 f"precision={self.precision!r}, streams={self.num_streams}, threads={self.threads}, "
                 f"tile={self.tile}, overlap={self.overlap}, window={self.window})")
+
+
+def require_probe(bundle: Bundle) -> None:
+    """Refuse a bundle without a probe (format version 1): nothing would tie its graph to its weights."""
+    if not bundle.has_probe:
+        raise ValueError(f"model: {bundle.path}: the bundle has no probe (format version "
+                         f"{bundle.manifest['format_version']}, written by an older selftransfer), so nothing ties its "
+                         f"graph to its weights; re-export it: selftransfer export {bundle.path} -o NEW.stm")
+
+
+def check_graph(bundle: Bundle, backend: str, backend_class, device: str, precision: str, threads: int,
+                options: dict, session) -> None:
+    """Run the graph ``session`` uses on the bundle's probe (recorded at export) before the first frame: a graph of
+    another scale than the manifest's, one that is not the network of the bundle's weights, or one giving NaN is
+    refused here (ValueError naming the member) instead of failing or turning black on every frame.
+
+    ONNX Runtime, OpenVINO and PyTorch run the probe in a second session of the same member opened for the probe's
+    shape (a session's window is fixed). A TensorRT engine is tied to its shapes: the weights are checked on the
+    probe, and the engine on one window against the weights (eager PyTorch on the same GPU)."""
+    from vs_selftransfer.bundle import check_probe_output, probe_input
+
+    require_probe(bundle)
+    x = probe_input(bundle.manifest)
+    try:
+        if backend == "trt":
+            _check_engine(bundle, session, x)
+            return
+        probe_session = backend_class(bundle, device=device, precision=precision, threads=threads,
+                                      window=x.shape[2:], **options)
+        member = getattr(probe_session, "source", None) or ("model.int8.onnx" if precision == "int8" else "model.onnx")
+        try:
+            got = probe_session(x)
+        except RuntimeError as e:
+            h, w = x.shape[2:]
+            raise BundleError(f"{bundle.path}: {member} fails on the {h}x{w} probe run as the manifest's "
+                              f"x{bundle.scale} network (a graph of another scale fails so): {e}") from None
+        check_probe_output(bundle.manifest, bundle.path, member, precision, got)
+    except BundleError as e:
+        raise ValueError(f"model: {e}") from None
+
+
+def _check_engine(bundle: Bundle, session, x: np.ndarray) -> None:
+    from vs_selftransfer.bundle import PROBE_TOLERANCE, check_probe_output
+
+    import torch
+
+    model = bundle.torch_model()
+    with torch.inference_mode():
+        check_probe_output(bundle.manifest, bundle.path, "weights.safetensors", "fp32", model(torch.from_numpy(x)))
+        h, w = session.window
+        # The probe's pixels repeated over the window: image-like content at the engine's own shape.
+        window = np.ascontiguousarray(np.tile(x, (1, 1, -(-h // x.shape[2]), -(-w // x.shape[3])))[:, :, :h, :w])
+        member = session.source if session.source == "model.trt.ts" else f"the TensorRT engine {session.source}"
+        try:
+            got = np.asarray(session(window), np.float32)
+        except RuntimeError as e:
+            raise BundleError(f"{bundle.path}: {member} fails on a {h}x{w} window: {e}") from None
+        expected = model.to(session.torch_device)(torch.from_numpy(window).to(session.torch_device)).cpu().numpy()
+    if got.shape != expected.shape:
+        raise BundleError(f"{bundle.path}: {member} gives shape {got.shape} for a {h}x{w} window, the weights (x"
+                          f"{bundle.scale}) give {expected.shape}: it is not this bundle's network")
+    if not np.isfinite(got).all():
+        raise BundleError(f"{bundle.path}: {member} gives non-finite values (NaN or infinity) on a {h}x{w} window")
+    # fp32 engines convolve in TF32 on Ampere and later (10-bit mantissa, like fp16): the fp16 bound applies.
+    diff = float(np.abs(got - expected).max())
+    if diff > PROBE_TOLERANCE["fp16"]:
+        raise BundleError(f"{bundle.path}: {member} differs from the bundle's weights by {diff:.3g} "
+                          f"(> {PROBE_TOLERANCE['fp16']:g}) on a {h}x{w} window: it is not this bundle's network")
 
 
 def create(model, backend=None, device=None, tilesize=None, overlap=None, num_streams=None, precision=None,
@@ -229,6 +352,7 @@ def create(model, backend=None, device=None, tilesize=None, overlap=None, num_st
         bundle = Bundle.open(path)
     except BundleError as e:
         raise ValueError(f"model: {e}") from None
+    require_probe(bundle)  # before any session is opened (a TensorRT engine may take minutes to build)
     if bundle.manifest["input"].get("channels") != "RGB":
         raise ValueError(f"model: {path}: the network takes {bundle.manifest['input'].get('channels')!r}, not RGB")
     if scale is not None and scale != bundle.scale:
@@ -236,18 +360,48 @@ def create(model, backend=None, device=None, tilesize=None, overlap=None, num_st
                          f"or leave scale unset")
 
     run_code = backend in ("torch", "trt")  # named by the user: they trust this bundle's code members
+    backend_why = f"{backend}: given"
     if backend == "auto":
-        backend = choose_backend(device, bundle)
-    if precision == "auto":
-        precision = choose_precision(bundle, backend, device_kind)
+        backend, backend_why = backend_choice(device)
+    precision_why = f"{precision}: given"
+    auto_precision = precision == "auto"
+    if auto_precision:
+        precision, precision_why = precision_choice(bundle, backend, device_kind)
     streams, threads = default_parallelism(device_kind, num_streams, threads, cpu_count())
-    return Upscaler(bundle, backend, device, precision, tile, overlap, streams, threads, width, height, reuse=reuse,
-                    run_code=run_code)
+    try:
+        upscaler = Upscaler(bundle, backend, device, precision, tile, overlap, streams, threads, width, height,
+                            reuse=reuse, run_code=run_code)
+    except ValueError as e:
+        if not auto_precision or precision == "fp32":
+            raise
+        # The engine refused what the CPU flags promised (a hypervisor hiding a feature from it, say): fp32.
+        precision_why = f"fp32: the engine refused {precision} ({e})"
+        precision = "fp32"
+        upscaler = Upscaler(bundle, backend, device, precision, tile, overlap, streams, threads, width, height,
+                            reuse=reuse, run_code=run_code)
+    upscaler.choice = {"backend": backend_why, "precision": precision_why}
+    LAST_UPSCALE.clear()
+    LAST_UPSCALE.update(describe_upscaler(upscaler))
+    return upscaler
+
+
+# What the last Upscale call in this process runs and why: core.selftransfer.Version() reports it.
+LAST_UPSCALE: dict[str, str] = {}
+
+
+def describe_upscaler(upscaler: Upscaler) -> dict[str, str]:
+    first = upscaler._slots[0].backend
+    return {"last_upscale": (f"{upscaler.backend} {upscaler.precision} on {upscaler.device}, {upscaler.num_streams} "
+                             f"stream(s) x {upscaler.threads} thread(s): {getattr(first, 'description', '')}"),
+            "last_upscale_backend": upscaler.choice["backend"],
+            "last_upscale_precision": upscaler.choice["precision"]}
 
 
 def versions() -> dict[str, str]:
     """Versions of this package and of every library a backend may use ("not installed" when absent), read from
-    package metadata so that nothing heavy is imported."""
+    package metadata so that nothing heavy is imported; what ``auto`` picks on this CPU and why (its native
+    precisions from /proc/cpuinfo); and, once an Upscale was created in this process, what the last one runs and
+    why (``last_upscale*``)."""
     from vs_selftransfer import __version__
 
     out = {"selftransfer": __version__, "numpy": np.__version__}
@@ -261,4 +415,13 @@ def versions() -> dict[str, str]:
                 break
             except importlib.metadata.PackageNotFoundError:
                 continue
+    flags = cpu_flags()
+    native = {p: native_support(p, flags) for p in NATIVE_FLAGS}
+    out["cpu_native"] = ", ".join(f"{p}: {f or 'no (' + '/'.join(NATIVE_FLAGS[p]) + ' absent)'}"
+                                  for p, f in native.items())
+    out["auto_cpu"] = ("backend ov (OpenVINO) if it loads, in a worker process where vs-mlrt's OpenVINO library is "
+                       "already loaded, else ort; precision: per bundle, " +
+                       (" or ".join(p for p, f in native.items() if f) or "fp32 only (no native bf16/int8)") +
+                       " where fit measured it within budget, else fp32")
+    out.update(LAST_UPSCALE)
     return out

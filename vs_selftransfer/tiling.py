@@ -12,6 +12,25 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+# LR px of context around each tile, wherever a frame is tiled (the filter, evaluation, training validation): at
+# least the network's receptive radius (``vs_selftransfer.model.RECEPTIVE_RADIUS``, 22 for CARN/CARN-M), so tiled
+# output equals untiled output; rounded up to a multiple of 8 for aligned windows.
+OVERLAP = 24
+# The automatic tile rule (``auto_tile``). Whole frames are the fastest: tiles recompute their overlap, which costs
+# more than cache locality wins (OpenVINO, 1 thread, one 640x360 frame: whole 8.9 s, 256-px tiles 22.6 s, 192 14.1 s,
+# 128 17.2 s; docs/benchmarks.md). Tiles bound memory instead: the activations of one window take about 3.6 kB per
+# input pixel in eager PyTorch fp32 (measured: +0.82 GB at 640x368, +0.91 GB at 512x512), about 1.5 kB in ONNX
+# Runtime. So frames up to AUTO_TILE_MAX_PIXELS (640x360 and 512x512 fit) run whole, larger ones in AUTO_TILE tiles,
+# whose windows with the overlap (432x432 px, +0.65 GB eager) stay inside the same bound.
+AUTO_TILE_MAX_PIXELS = 512 * 512
+AUTO_TILE = 384
+
+
+def auto_tile(width: int, height: int) -> int:
+    """The automatic tile side in LR pixels for a frame of ``width`` x ``height`` input pixels (0: the whole frame),
+    used by the filter (``tilesize`` unset), ``selftransfer eval`` and training validation alike."""
+    return 0 if width * height <= AUTO_TILE_MAX_PIXELS else AUTO_TILE
+
 
 def tile_windows(size: int, tile: int, overlap: int) -> list[tuple[int, int, int, int]]:
     """Along one axis: (window_start, window_end, core_start, core_end) for each tile, in LR pixels."""

@@ -22,6 +22,16 @@ Protocol (also written into every report):
   ``scale`` px shaved, outputs clipped and rounded to 8 bits first), RGB PSNR (same shave), temporal flicker on
   consecutive test frames. The report's schema is documented in ``trainer/report.py``.
 
+Two settings (``protocol.kind`` in the report):
+
+* ``self`` (the default; the *delivery* setting): HR = the video's own frames, LR = their degradation, as above.
+* ``reference`` (``--reference REF``; the *source* setting): VIDEO is the low-resolution source the user holds and
+  will upscale, REF the same video at ``scale`` x its size (a Blu-ray beside a DVD rip, or the master a source
+  was made from). LR = the source's own frames, untouched; HR = REF's frames. Frames are paired by index, and
+  their timestamps (from each file's start) must agree to half a frame; a size, frame count or frame rate that
+  does not match is an error naming ``--reference``. Every source frame is a fair test frame: the bundle never
+  saw REF. Subsets still say how far each frame is from the source frames the bundle learned from.
+
 The report directory is built in a temporary directory next to it and renamed into place only when complete.
 """
 from __future__ import annotations
@@ -38,14 +48,12 @@ from pathlib import Path
 import numpy as np
 
 from vs_selftransfer.errors import UserError
-from vs_selftransfer.files import fsync_dir
+from vs_selftransfer.files import check_not_an_input, fsync_dir
+from vs_selftransfer.tiling import AUTO_TILE, AUTO_TILE_MAX_PIXELS, OVERLAP, auto_tile
 from selftransfer_trainer.metrics import flicker, psnr_rgb, psnr_y, quantize, rgb_to_y, shave, ssim_y
 
 DEFAULT_FRAMES = 24
 NEAR_SECONDS = 1.0
-OVERLAP = 24  # LR px of context around each tile: more than the network's receptive radius (22)
-AUTO_TILE_PIXELS = 1_000_000  # LR frames up to this many pixels run whole; larger ones in tiles of AUTO_TILE
-AUTO_TILE = 512
 CROP = 192  # HR px of the side-by-side crops
 DEPLOYED_TOLERANCE_DB = 0.01
 METHODS = ("bicubic", "generic", "selftransfer")
@@ -83,9 +91,10 @@ def frame_indices(entries, what: str, n_frames: int) -> list[int]:
 
 def split_frames(n_frames: int, fps: float, train: list[int], val: list[int], *,
                  near_seconds: float = NEAR_SECONDS, include_val: bool = False,
-                 times: list[float] | None = None) -> list[UnseenFrame]:
+                 times: list[float] | None = None, keep_train: bool = False) -> list[UnseenFrame]:
     """Every frame that may be tested, in index order, with its near/far subset. Distances are in seconds:
-    from the frames' timestamps ``times`` when given (exact for variable frame rate), else index / fps."""
+    from the frames' timestamps ``times`` when given (exact for variable frame rate), else index / fps.
+    ``keep_train`` keeps the training frames too (distance 0): with a reference their HR was never seen."""
     if n_frames <= 0:
         raise ValueError(f"n_frames must be positive, not {n_frames}")
     if not fps > 0:
@@ -98,7 +107,7 @@ def split_frames(n_frames: int, fps: float, train: list[int], val: list[int], *,
     train_set, val_set = set(train_sorted), set(val)
     out = []
     for i in range(n_frames):
-        if i in train_set or (i in val_set and not include_val):
+        if (i in train_set and not keep_train) or (i in val_set and not include_val):
             continue
         if train_sorted:
             k = bisect.bisect_left(train_sorted, i)
@@ -172,19 +181,15 @@ def bicubic_upscale(lr: np.ndarray, scale: int) -> np.ndarray:
     return np.moveaxis(up, -1, 0).astype(np.float64) / 255.0
 
 
-def torch_runner(model, device: str):
+def network_runner(model, device: str):
+    """``model`` on ``device`` in eval mode, as the tiling function's ``run`` (vs_selftransfer.model.torch_runner).
+    Channels-last weights and inputs on the CPU: the faster layout for these convolutions (~7% for the weights)."""
     import torch
 
-    # Channels-last is the faster layout for these convolutions on CPU; every network here runs the same way.
-    layout = torch.channels_last if device == "cpu" else torch.contiguous_format
-    model = model.to(device).eval().to(memory_format=layout)
+    from vs_selftransfer.model import torch_runner
 
-    def run(x: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            y = model(torch.from_numpy(x).to(device).contiguous(memory_format=layout))
-            return y.float().cpu().contiguous().numpy()
-
-    return run
+    layout = torch.channels_last if torch.device(device).type == "cpu" else torch.contiguous_format
+    return torch_runner(model.to(device, memory_format=layout).eval(), device)
 
 
 class DeployedPath:
@@ -268,9 +273,20 @@ class Options:
     threads: int = 0
     device: str = "cpu"
     progress: bool = True
+    reference: str | None = None
 
 
 def _check_options(o: Options) -> None:
+    if o.reference is not None:
+        for flag, given in (("--degradation", o.degradation is not None), ("--crf", o.crf is not None),
+                            ("--include-val", o.include_val), ("--assume-unseen", o.assume_unseen)):
+            if given:
+                raise UserError(f"{flag} does not apply with --reference: the source's own frames are the input "
+                                "and every source frame is tested")
+        if not os.path.exists(o.reference):
+            raise UserError(f"--reference {o.reference}: no such file")
+        if os.path.isdir(o.reference):
+            raise UserError(f"--reference {o.reference}: is a directory, not a video")
     if o.scale is not None and o.scale not in (2, 3, 4):
         raise UserError(f"--scale must be 2, 3 or 4, not {o.scale}")
     from selftransfer_trainer.degrade import DEGRADATIONS
@@ -300,6 +316,7 @@ def _check_options(o: Options) -> None:
     if o.generic != "official" and not os.path.isfile(o.generic):
         raise UserError(f"--generic {o.generic}: no such file (pass 'official' or a .pth/.safetensors/.stm path)")
     out = Path(o.output)
+    check_not_an_input(out, [o.video, o.model, o.reference, o.generic], flag="-o")
     if out.exists():
         if not out.is_dir():
             raise UserError(f"-o {out}: exists and is not a directory")
@@ -365,7 +382,7 @@ def _generic_model(spec: str, scale: int):
 def _resolve_tile(tile: int | None, lr_w: int, lr_h: int) -> int:
     if tile is not None:
         return tile
-    return 0 if lr_w * lr_h <= AUTO_TILE_PIXELS else AUTO_TILE
+    return auto_tile(lr_w, lr_h)
 
 
 def _crop_box(diff: np.ndarray, size: int, scale: int, largest: bool) -> tuple[int, int]:
@@ -425,6 +442,50 @@ class Setup:
     tile: int
     hr_size: tuple[int, int]  # (width, height)
     warnings: list[str]
+    reference: object = None  # VideoInfo of --reference (the HR frames), None in the self setting
+
+
+TIME_TOLERANCE_FRAMES = 0.5  # source and reference frames must be this close in time (in frame durations)
+
+
+def _frame_times(path: str, n_frames: int) -> list[float] | None:
+    """Presentation times in seconds, from the file's first frame; None when the container gives no timestamps."""
+    from vs_selftransfer.probe import frame_table
+
+    table = frame_table(path)
+    if table.pts is None or len(table.pts) != n_frames:
+        return None
+    return [float(pts * table.time_base) for pts in table.pts]
+
+
+def _check_reference(o: Options, info, scale: int):
+    """Probe --reference and check it is the source at ``scale`` x the size, frame for frame."""
+    from vs_selftransfer.probe import probe
+
+    try:
+        ref = probe(o.reference)
+    except UserError as e:
+        raise UserError(f"--reference: {e}") from None
+    want = (info.width * scale, info.height * scale)
+    if (ref.width, ref.height) != want:
+        raise UserError(f"--reference {o.reference}: {ref.width}x{ref.height}, but the x{scale} bundle turns the "
+                        f"{info.width}x{info.height} source into {want[0]}x{want[1]}; the reference must be the same "
+                        f"video at {scale}x the source's size")
+    if ref.frames != info.frames:
+        raise UserError(f"--reference {o.reference}: {ref.frames} frames, the source {o.video} has {info.frames}; "
+                        "frames are paired by index, so both must hold the same frames")
+    if abs(ref.fps - info.fps) > 1e-3 * info.fps:
+        raise UserError(f"--reference {o.reference}: {ref.fps:.3f} fps, the source {o.video} {info.fps:.3f} fps; "
+                        "both must have the same frame rate")
+    src_t, ref_t = _frame_times(o.video, info.frames), _frame_times(o.reference, ref.frames)
+    if src_t is not None and ref_t is not None:
+        tolerance = TIME_TOLERANCE_FRAMES / info.fps
+        for i, (a, b) in enumerate(zip(src_t, ref_t)):
+            if abs((a - src_t[0]) - (b - ref_t[0])) > tolerance:
+                raise UserError(f"--reference {o.reference}: frame {i} is at {b - ref_t[0]:.3f} s, the source's at "
+                                f"{a - src_t[0]:.3f} s (from each file's first frame); the two are not the same "
+                                "frames")
+    return ref
 
 
 def prepare(o: Options) -> Setup:
@@ -439,12 +500,19 @@ def prepare(o: Options) -> Setup:
     if o.scale is not None and o.scale != scale:
         raise UserError(f"--scale {o.scale} does not match the bundle, which upscales x{scale}")
     info = probe(o.video)
-    hr_w, hr_h = info.width // scale * scale, info.height // scale * scale
+    reference = _check_reference(o, info, scale) if o.reference is not None else None
+    if reference is not None:
+        hr_w, hr_h = reference.width, reference.height
+    else:
+        hr_w, hr_h = info.width // scale * scale, info.height // scale * scale
     if min(hr_w, hr_h) < 11 + 2 * scale:
         raise UserError(f"{o.video}: {info.width}x{info.height} is too small to evaluate at x{scale} "
                         f"(at least {11 + 2 * scale} px a side are needed for SSIM after shaving the border)")
     manifest = bundle.manifest
-    degradation = _degradation(manifest, o, warnings)
+    if reference is None:
+        degradation = _degradation(manifest, o, warnings)
+    else:
+        degradation = {"method": "none", "input": "the source's own frames"}
 
     # Which frames the bundle learned from, and whether they are frames of this video at all.
     frames_meta = manifest.get("frames") if isinstance(manifest.get("frames"), dict) else None
@@ -455,12 +523,13 @@ def prepare(o: Options) -> Setup:
     if frames_meta is None:
         # Without the list, training frames would be scored as unseen: an inflated result. Only the user can say
         # that no frame of this video was learned from (a generic bundle, or one fitted on another video).
-        if not o.assume_unseen:
+        if not o.assume_unseen and reference is None:
             raise UserError(f"{o.model}: the bundle records no training frames, so its unseen frames cannot be told "
                             "apart (bundles made by `selftransfer fit` record them); pass --assume-unseen if it "
                             "learned nothing from this video")
-        warnings.append("the bundle records no training frames (--assume-unseen): every frame counts as unseen "
-                        "and far")
+        if reference is None:
+            warnings.append("the bundle records no training frames (--assume-unseen): every frame counts as "
+                            "unseen and far")
     elif not same_video:
         warnings.append(f"the bundle was trained on another video (source sha256 {source.get('sha256')}, this "
                         f"video {info.sha256}): every frame counts as unseen and far")
@@ -470,8 +539,10 @@ def prepare(o: Options) -> Setup:
     table = frame_table(o.video)
     times = ([float(pts * table.time_base) for pts in table.pts]
              if table.pts is not None and len(table.pts) == info.frames else None)
+    # With a reference every source frame is a fair test frame (the bundle never saw REF's frames).
     candidates = split_frames(info.frames, info.fps, train, val, near_seconds=o.near_seconds,
-                              include_val=o.include_val, times=times)
+                              include_val=o.include_val or reference is not None, times=times,
+                              keep_train=reference is not None)
     if not candidates:
         raise UserError(f"{o.video}: every frame is a training{'' if o.include_val else ' or validation'} frame; "
                         "nothing is left to test")
@@ -480,7 +551,7 @@ def prepare(o: Options) -> Setup:
     if not tests:
         raise UserError(f"--every {o.every} selects no test frame of this {info.frames}-frame video")
     return Setup(bundle, info, scale, degradation, info.sha256, same_video, train, val, candidates, tests,
-                 _resolve_tile(o.tile, hr_w // scale, hr_h // scale), (hr_w, hr_h), warnings)
+                 _resolve_tile(o.tile, hr_w // scale, hr_h // scale), (hr_w, hr_h), warnings, reference)
 
 
 def evaluate(o: Options) -> dict:
@@ -518,16 +589,14 @@ def run_frames(o: Options, setup: Setup) -> dict:
     import torch
     from tqdm import tqdm
 
-    from selftransfer_trainer.degrade import crop_to_scale, degrade
-    from selftransfer_trainer.video import read_frames
     from vs_selftransfer.tiling import upscale_image
 
     scale, tile, tests = setup.scale, setup.tile, setup.tests
     hr_w, hr_h = setup.hr_size
     torch.set_num_threads(o.threads or os.cpu_count() or 1)
     generic_model, generic_info = _generic_model(o.generic, scale)
-    run_generic = torch_runner(generic_model, o.device)
-    run_self = torch_runner(setup.bundle.torch_model(), o.device)
+    run_generic = network_runner(generic_model, o.device)
+    run_self = network_runner(setup.bundle.torch_model(), o.device)
     methods = list(METHODS)
     deployed = None
     deployed_info: dict = {"status": "skipped", "reason": "--no-deployed"}
@@ -557,15 +626,9 @@ def run_frames(o: Options, setup: Setup) -> dict:
     previous = None  # (index, outputs, hr) of the last frame, for flicker
     by_index = {t.index: t for t in tests}
     position = {t.index: n for n, t in enumerate(tests)}
-    deg = setup.degradation
     with tqdm(total=len(tests), unit="frame", desc="eval", disable=not o.progress, dynamic_ncols=True,
               file=sys.stderr) as bar:
-        for index, pts, rgb in read_frames(o.video, list(by_index)):
-            hr_u8 = crop_to_scale(rgb, scale)
-            if hr_u8.shape[:2] != (hr_h, hr_w):
-                raise UserError(f"{o.video}: frame {index} is {rgb.shape[1]}x{rgb.shape[0]}, not the "
-                                f"{setup.info.width}x{setup.info.height} of the stream (variable frame size)")
-            lr = degrade(rgb, scale, deg["method"], crf=deg.get("crf", 23))
+        for index, pts, lr, hr_u8 in _test_inputs(o, setup, list(by_index)):
             hr = np.moveaxis(hr_u8, -1, 0).astype(np.float64) / 255.0
             lr_chw = np.ascontiguousarray(np.moveaxis(lr, -1, 0), np.float32) / 255.0
             runs = {"bicubic": lambda: bicubic_upscale(lr, scale),
@@ -616,6 +679,36 @@ def run_frames(o: Options, setup: Setup) -> dict:
             "crops": {"largest_gain": best, "smallest_gain": worst}}
 
 
+def _test_inputs(o: Options, setup: Setup, indices: list[int]):
+    """Yield (index, pts, LR uint8 HWC, HR uint8 HWC) for the test frames: the video's frames and their degradation
+    in the self setting; the source's frames and the reference's in the reference setting."""
+    from selftransfer_trainer.degrade import crop_to_scale, degrade
+    from selftransfer_trainer.video import read_frames
+
+    scale, deg = setup.scale, setup.degradation
+    hr_w, hr_h = setup.hr_size
+    if setup.reference is None:
+        for index, pts, rgb in read_frames(o.video, indices):
+            hr_u8 = crop_to_scale(rgb, scale)
+            if hr_u8.shape[:2] != (hr_h, hr_w):
+                raise UserError(f"{o.video}: frame {index} is {rgb.shape[1]}x{rgb.shape[0]}, not the "
+                                f"{setup.info.width}x{setup.info.height} of the stream (variable frame size)")
+            yield index, pts, degrade(rgb, scale, deg["method"], crf=deg.get("crf", 23)), hr_u8
+        return
+    lr_w, lr_h = setup.info.width, setup.info.height
+    for (index, pts, lr), (ref_index, _, hr_u8) in zip(read_frames(o.video, indices),
+                                                       read_frames(o.reference, indices)):
+        if index != ref_index:  # both readers yield exactly the requested indices, in order
+            raise RuntimeError(f"source frame {index} paired with reference frame {ref_index}")
+        if lr.shape[:2] != (lr_h, lr_w):
+            raise UserError(f"{o.video}: frame {index} is {lr.shape[1]}x{lr.shape[0]}, not the {lr_w}x{lr_h} of "
+                            "the stream (variable frame size)")
+        if hr_u8.shape[:2] != (hr_h, hr_w):
+            raise UserError(f"--reference {o.reference}: frame {index} is {hr_u8.shape[1]}x{hr_u8.shape[0]}, not "
+                            f"the {hr_w}x{hr_h} of the stream (variable frame size)")
+        yield index, pts, lr, hr_u8
+
+
 def _run_deployed(deployed: DeployedPath, n: int, lr: np.ndarray, index: int) -> np.ndarray:
     import vapoursynth as vs
 
@@ -645,6 +738,12 @@ def build_report(o: Options, setup: Setup, result: dict, elapsed: float) -> dict
                   "train_config": manifest.get("train_config"), "source": manifest.get("source")},
         "generic": result["generic"],
         "protocol": {
+            "kind": "self" if setup.reference is None else "reference",
+            "reference": None if setup.reference is None else {
+                "path": str(o.reference), "name": Path(o.reference).name, "sha256": setup.reference.sha256,
+                "width": setup.reference.width, "height": setup.reference.height, "fps": setup.reference.fps,
+                "frames": setup.reference.frames},
+            "setting": _bundle_setting(manifest),
             "scale": setup.scale, "degradation": setup.degradation, "hr_size": [hr_w, hr_h],
             "lr_size": [hr_w // setup.scale, hr_h // setup.scale], "near_seconds": o.near_seconds,
             "include_val": o.include_val, "assume_unseen": o.assume_unseen, "same_video": setup.same_video,
@@ -664,6 +763,12 @@ def build_report(o: Options, setup: Setup, result: dict, elapsed: float) -> dict
         "warnings": setup.warnings,
         "verdict": verdict(summary),
     }
+
+
+def _bundle_setting(manifest: dict) -> dict | None:
+    """What the bundle was fitted for (the manifest's ``setting`` block from ``selftransfer fit``), if recorded."""
+    setting = manifest.get("setting")
+    return setting if isinstance(setting, dict) else None
 
 
 def _install(tmp_dir: Path, out: Path, force: bool) -> None:
@@ -770,8 +875,14 @@ def _db(x) -> str:
 # -- CLI ------------------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = ("Compare bicubic, the generic CARN-M and a self-transfer bundle (also through the "
-                          "deployed VapourSynth filter) on frames of VIDEO the bundle did not learn from.")
-    parser.add_argument("video", help="the video the bundle was fitted on")
+                          "deployed VapourSynth filter) on frames of VIDEO the bundle did not learn from, or, with "
+                          "--reference, on the source VIDEO itself against REF, the same video at scale x the size.")
+    parser.add_argument("video", help="the video the bundle was fitted on (with --reference: the low-resolution "
+                                      "source that is upscaled)")
+    parser.add_argument("--reference", metavar="REF",
+                        help="score the upscaled source frames against REF, the same video at scale x the size "
+                             "(frames paired by index and timestamp); without it, the video's own frames are the "
+                             "ground truth and their degradation the input")
     parser.add_argument("--model", "-m", required=True, help="the model bundle (.stm) to evaluate")
     parser.add_argument("-o", "--output", required=True, help="report directory to create (must not exist)")
     parser.add_argument("--scale", type=int, help="check that the bundle upscales by this factor (2, 3, 4)")
@@ -792,13 +903,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"test frames within this many seconds of a training frame are 'near' "
                              f"(default {NEAR_SECONDS})")
     parser.add_argument("--generic", default="official",
-                        help="generic model: 'official' (cached download) or a .pth/.safetensors/.stm path")
+                        help="generic model: 'official' (shipped in the package) or a .pth/.safetensors/.stm path")
     parser.add_argument("--no-deployed", dest="deployed", action="store_false",
                         help="skip the check through core.selftransfer.Upscale")
     parser.add_argument("--force", action="store_true", help="replace REPORT_DIR if it holds an earlier report")
     parser.add_argument("--tile", type=int,
                         help=f"LR tile size for the networks (0 = whole frame; default whole frame up to "
-                             f"{AUTO_TILE_PIXELS} LR pixels, else {AUTO_TILE}); overlap is {OVERLAP}")
+                             f"{AUTO_TILE_MAX_PIXELS} LR pixels, else {AUTO_TILE}); overlap is {OVERLAP}")
     parser.add_argument("--seed", type=int, default=0, help="picks the frames inside each sampling stratum")
     parser.add_argument("--threads", type=int, default=0, help="PyTorch threads (0 = all cores)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda for the PyTorch runs")
@@ -811,7 +922,7 @@ def run(args: argparse.Namespace) -> int:
                 all_frames=args.all_frames, include_val=args.include_val,
                 assume_unseen=args.assume_unseen, near_seconds=args.near_seconds,
                 generic=args.generic, deployed=args.deployed, force=args.force, tile=args.tile, seed=args.seed,
-                threads=args.threads, device=args.device, progress=args.progress)
+                threads=args.threads, device=args.device, progress=args.progress, reference=args.reference)
     report = evaluate(o)
     from selftransfer_trainer.evaluation.report import console_table
     print(console_table(report))

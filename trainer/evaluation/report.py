@@ -10,7 +10,12 @@ per-frame values. PSNR in dB, SSIM unitless in [-1, 1], flicker in 8-bit Y level
 - ``model``: ``path``, ``bundle_sha256``, ``arch``, ``scale``, and the bundle manifest's ``degradation``,
   ``validation``, ``train_config``, ``source`` (copied as they are, ``null`` when absent)
 - ``generic``: ``spec`` ("official" or the path given), ``label``, ``path``, ``sha256`` of the generic weights
-- ``protocol``: ``scale``, ``degradation`` (used for the LR frames: ``method``, and ``crf`` for x264),
+- ``protocol``: ``kind`` ("self": HR = the video's frames, LR = their degradation | "reference": LR = the
+  source's own frames, HR = the frames of ``--reference``), ``reference`` (``null``, or ``path``, ``name``,
+  ``sha256``, ``width``, ``height``, ``fps``, ``frames`` of REF), ``setting`` (the bundle manifest's ``setting``
+  block: ``kind`` "source" | "delivery", ``text``, ``ships``, ``why``, ...; ``null`` when not recorded),
+  ``scale``, ``degradation`` (used for the LR frames: ``method``, and ``crf`` for x264; ``method`` "none" with
+  a reference),
   ``hr_size`` / ``lr_size`` ([width, height]), ``near_seconds``, ``include_val``, ``assume_unseen`` (the bundle
   records no training frames and the user said none is from this video), ``same_video`` (the bundle's source
   sha256 matches the video, or is not recorded), ``sampling`` (``mode`` "frames" | "every" | "all",
@@ -155,15 +160,33 @@ def markdown(report: dict) -> str:
     ]
     if report["warnings"]:
         lines += ["## Warnings", ""] + [f"- {w}" for w in report["warnings"]] + [""]
+    ref = p.get("reference")
+    setting = p.get("setting")
+    lines += ["## Protocol", ""]
+    if setting:
+        lines += [f"- The bundle was fitted for {setting.get('text', setting.get('kind'))}; it ships "
+                  f"**{setting.get('ships')}**: {setting.get('why')}."]
+    else:
+        lines += ["- The bundle does not record which case it was fitted for (source or delivery)."]
+    if ref:
+        lines += [
+            f"- **Reference setting**: LR = the source's own {p['lr_size'][0]}x{p['lr_size'][1]} frames, untouched "
+            f"(what a user upscales); HR = the frames of the reference `{ref['name']}` ({ref['width']}x"
+            f"{ref['height']}, sha256 `{ref['sha256'][:16]}…`), paired by index and timestamp.",
+            "- Test frames: every source frame is a fair test frame (the bundle never saw the reference); the "
+            f"{len(p['train_frames'])} source frames it learned from (as HR targets one octave below) are "
+            "tested too, at distance 0.",
+        ]
+    else:
+        lines += [
+            f"- HR: the video's frames, cropped to {p['hr_size'][0]}x{p['hr_size'][1]} (a multiple of the scale); "
+            f"LR: {p['lr_size'][0]}x{p['lr_size'][1]}, degradation **{deg_text}** applied to each HR frame.",
+            f"- Test frames: frames the bundle did not learn from — not one of the {len(p['train_frames'])} "
+            "training frames" + ("" if p["include_val"] else f", and not one of the {len(p['val_frames'])} "
+                                 "validation frames (they selected the shipped checkpoint, so they are excluded)")
+            + (". Validation frames are **included** (`--include-val`)." if p["include_val"] else "."),
+        ]
     lines += [
-        "## Protocol",
-        "",
-        f"- HR: the video's frames, cropped to {p['hr_size'][0]}x{p['hr_size'][1]} (a multiple of the scale); "
-        f"LR: {p['lr_size'][0]}x{p['lr_size'][1]}, degradation **{deg_text}** applied to each HR frame.",
-        f"- Test frames: frames the bundle did not learn from — not one of the {len(p['train_frames'])} training "
-        f"frames" + ("" if p["include_val"] else f", and not one of the {len(p['val_frames'])} validation frames "
-                     "(they selected the shipped checkpoint, so they are excluded)")
-        + (". Validation frames are **included** (`--include-val`)." if p["include_val"] else "."),
         f"- Subsets: *near* = within {p['near_seconds']} s of a training frame, *far* = further. "
         f"Unseen frames available: {cand['all']} ({cand['near']} near, {cand['far']} far); evaluated: "
         f"{len(p['test_frames'])} (sampling: {_sampling_text(p['sampling'])}).",

@@ -7,15 +7,17 @@
  *
  * The network runs in Python (vs_selftransfer.runtime: ONNX Runtime, OpenVINO, PyTorch or TensorRT). This file is
  * the bridge: it validates the clip, converts it to 32-bit float planar RGB with the core's resizer, lends each
- * frame's planes to the runtime under the GIL as buffer objects over the frame memory (numpy reads and writes them
- * in place: no copy in the bridge), and converts the result back to the clip's own format. The graph Upscale returns is
+ * frame's planes to the runtime under the GIL as memoryviews of the frame memory (numpy reads and writes them in
+ * place: no copy in the bridge), clamps the result to [0, 1] and converts it back to the clip's own format. The
+ * graph Upscale returns is
  *
- *     clip -> std.RemoveFrameProps(colorimetry) -> resize to RGBS -> [Upscale: the model] -> resize back
- *          -> std.CopyFrameProps(clip)
+ *     clip -> std.RemoveFrameProps(colorimetry) -> resize to RGBS -> [Upscale: the model, clamped] -> resize back
+ *          [-> std.Limiter for float YUV] -> std.CopyFrameProps(clip)
  *
  * (for an RGBS clip, just the middle node). The colorimetry of the whole clip is read from frame 0 at script
  * evaluation and used for both conversions, so a frame is decoded and re-encoded with the same matrix/range/chroma
- * location; the output frames carry the source frames' own properties.
+ * location; an untagged YUV clip's matrix comes from vs_selftransfer.colour, the rule the trainer decodes with. The
+ * output frames carry the source frames' own properties.
  *
  * Frames run in parallel (fmParallel), but at most num_streams at a time: each running frame holds one slot of a
  * pool, and a slot is one backend session in the runtime. Backends release the GIL while they compute, so the
@@ -48,6 +50,7 @@
 #define PLUGIN_ID "com.selftransfer.upscale"
 #define FUNC "selftransfer.Upscale"
 #define RUNTIME_MODULE "vs_selftransfer.runtime"
+#define COLOUR_MODULE "vs_selftransfer.colour"
 #define ERR_SIZE 2048
 
 /* ------------------------------------------------------------------------------------------------------------ */
@@ -86,6 +89,22 @@ static int python_usable(void) {
     return Py_IsInitialized() && !python_is_finalizing();
 }
 
+/* A Python str as UTF-8 that any message can carry (a new bytes object; NULL with an exception set): characters
+ * UTF-8 cannot encode are shown escaped, as Python's repr would. A file name's undecodable bytes (os.fsdecode's
+ * surrogate escapes) become \xNN, any other lone surrogate \udNNN. */
+static PyObject *printable_utf8(PyObject *text) {
+    PyObject *raw = PyUnicode_AsEncodedString(text, "utf-8", "surrogateescape");
+    if (!raw) {
+        PyErr_Clear();
+        return PyUnicode_AsEncodedString(text, "utf-8", "backslashreplace");
+    }
+    PyObject *escaped = PyUnicode_DecodeUTF8(PyBytes_AS_STRING(raw), PyBytes_GET_SIZE(raw), "backslashreplace");
+    Py_DECREF(raw);
+    PyObject *out = escaped ? PyUnicode_AsUTF8String(escaped) : NULL;
+    Py_XDECREF(escaped);
+    return out;
+}
+
 /* Take the pending Python exception (the GIL is held) and turn it into "selftransfer.Upscale: [Type: ]message".
  * The exception is cleared. */
 static char *take_python_error(int with_type) {
@@ -96,8 +115,10 @@ static char *take_python_error(int with_type) {
     const char *dot = strrchr(type, '.');
     if (dot)
         type = dot + 1;
-    PyObject *text = PyObject_Str(exc);
-    const char *msg = text ? PyUnicode_AsUTF8(text) : NULL;
+    PyObject *str = PyObject_Str(exc);
+    PyObject *text = str ? printable_utf8(str) : NULL;
+    Py_XDECREF(str);
+    const char *msg = text ? PyBytes_AS_STRING(text) : NULL;
     if (!msg) {
         PyErr_Clear();
         msg = "";
@@ -118,84 +139,188 @@ static int copy_error(char *err, size_t size, char *message) {
     return 0;
 }
 
-/* One frame plane lent to Python for the duration of a call: a buffer exporter (2-D float32, h x w, rows `stride`
- * bytes apart) over VapourSynth's frame memory, so numpy reads and writes it in place. It counts the buffers it has
- * handed out; when the call returns it is revoked (no new exports), and any export still alive means the runtime
- * kept an array pointing into a frame. */
-typedef struct {
-    PyObject_HEAD
-    void *data; /* NULL once revoked */
+/* ------------------------------------------------------------------------------------------------------------ */
+/* frame planes lent to Python                                                                                    */
+
+/* Each frame plane reaches the runtime as a plain memoryview (2-D float32, h x w, rows `stride` bytes apart) over
+ * VapourSynth's frame memory, made with PyMemoryView_FromBuffer: numpy reads and writes it in place.
+ *
+ * Why nothing of this library can be called after VapourSynth unloads it, whatever the runtime keeps: VapourSynth
+ * unloads plugins when its core is freed, and Python may free what the runtime kept (an array, a traceback cycle)
+ * later still, during its own shutdown. So no Python object may lead back into this library:
+ *   - the view is a memoryview with no exporting object (its buffer's obj is NULL), so every view and array derived
+ *     from it is served and released by Python's own code, which never calls back into an exporter here;
+ *   - every pointer the view's Py_buffer holds (format, shape, strides) points to a PlaneLayout on the heap that is
+ *     never freed (one per distinct plane geometry, a handful per process), not to this library's static data or to
+ *     memory freed with a frame;
+ *   - the plugin defines no Python type and passes Python no function of its own.
+ * After the call each view is released (memoryview.release(): any later use raises ValueError) and the plugin
+ * checks that nothing else can reach the memory: every view or array derived from a memoryview holds a reference
+ * to the managed buffer the memoryview references (the only object a memoryview's tp_traverse visits), and a
+ * consumer holding the view's own buffer makes release() fail. If something still can (the runtime kept an array;
+ * a reference cycle the garbage collector cannot break), the frame fails with an error and its memory is leaked on
+ * purpose: freeing it would leave Python an array into freed memory. Leaking is the only safe choice, and it costs
+ * a frame per runtime bug, never a crash. */
+
+typedef struct PlaneLayout {
     Py_ssize_t shape[2];
     Py_ssize_t strides[2];
-    int readonly;
-    Py_ssize_t exports;
-} FramePlane;
+    struct PlaneLayout *next;
+} PlaneLayout;
 
-static int frame_plane_getbuffer(PyObject *self, Py_buffer *view, int flags) {
-    FramePlane *plane = (FramePlane *)self;
-    view->obj = NULL;
-    if (!plane->data) {
-        PyErr_SetString(PyExc_BufferError, "frame plane used after the frame was handed back to VapourSynth");
+static PlaneLayout *plane_layouts; /* every layout handed out so far; the GIL guards the list */
+static char *float_format;         /* "f", on the heap for the same reason as the layouts */
+
+/* The layout of an h x w float32 plane with rows `stride` bytes apart: found or added, never freed. */
+static const PlaneLayout *plane_layout(int width, int height, ptrdiff_t stride) {
+    for (PlaneLayout *l = plane_layouts; l; l = l->next)
+        if (l->shape[0] == height && l->shape[1] == width && l->strides[0] == (Py_ssize_t)stride)
+            return l;
+    if (!float_format && (float_format = malloc(2)))
+        memcpy(float_format, "f", 2);
+    PlaneLayout *layout = malloc(sizeof *layout);
+    if (!layout || !float_format) {
+        free(layout);
+        return NULL;
+    }
+    layout->shape[0] = height;
+    layout->shape[1] = width;
+    layout->strides[0] = (Py_ssize_t)stride;
+    layout->strides[1] = sizeof(float);
+    layout->next = plane_layouts;
+    plane_layouts = layout;
+    return layout;
+}
+
+#define MAX_REFERENTS 4
+
+/* One plane while it is lent: the memoryview, and what it references, held by the plugin until the check. */
+typedef struct {
+    PyObject *view;
+    PyObject *referents[MAX_REFERENTS];
+    int num_referents;
+    int too_many_referents; /* more than MAX_REFERENTS: cannot be checked, taken as still reachable */
+} LentPlane;
+
+/* Returns 0 or -1 with a Python exception set. */
+static int lend_plane(LentPlane *plane, uint8_t *data, int width, int height, ptrdiff_t stride, int writable) {
+    const PlaneLayout *layout = plane_layout(width, height, stride);
+    if (!layout) {
+        PyErr_NoMemory();
         return -1;
     }
-    if ((flags & PyBUF_WRITABLE) && plane->readonly) {
-        PyErr_SetString(PyExc_BufferError, "source frame planes are read-only");
-        return -1;
+    Py_buffer buffer = {
+        .buf = data,
+        .obj = NULL,
+        .len = (Py_ssize_t)width * height * (Py_ssize_t)sizeof(float),
+        .itemsize = sizeof(float),
+        .readonly = !writable,
+        .ndim = 2,
+        .format = float_format,
+        .shape = (Py_ssize_t *)layout->shape,
+        .strides = (Py_ssize_t *)layout->strides,
+        .suboffsets = NULL,
+        .internal = NULL,
+    };
+    plane->view = PyMemoryView_FromBuffer(&buffer);
+    return plane->view ? 0 : -1;
+}
+
+static int collect_referent(PyObject *object, void *arg) {
+    LentPlane *plane = (LentPlane *)arg;
+    if (plane->num_referents == MAX_REFERENTS) {
+        plane->too_many_referents = 1;
+        return 1; /* stop */
     }
-    if ((flags & PyBUF_STRIDES) != PyBUF_STRIDES) {
-        PyErr_SetString(PyExc_BufferError, "frame planes are strided: request a strided buffer");
-        return -1;
-    }
-    view->buf = plane->data;
-    view->obj = Py_NewRef(self);
-    view->len = plane->shape[0] * plane->shape[1] * (Py_ssize_t)sizeof(float);
-    view->itemsize = sizeof(float);
-    view->readonly = plane->readonly;
-    view->ndim = 2;
-    view->format = (flags & PyBUF_FORMAT) ? "f" : NULL;
-    view->shape = plane->shape;
-    view->strides = plane->strides;
-    view->suboffsets = NULL;
-    view->internal = NULL;
-    plane->exports++;
+    plane->referents[plane->num_referents++] = Py_NewRef(object);
     return 0;
 }
 
-static void frame_plane_releasebuffer(PyObject *self, Py_buffer *view) {
-    ((FramePlane *)self)->exports--;
+typedef struct {
+    PyObject *object;
+    Py_ssize_t visits;
+} VisitCount;
+
+static int count_visits(PyObject *object, void *arg) {
+    VisitCount *count = (VisitCount *)arg;
+    count->visits += object == count->object;
+    return 0;
 }
 
-static PyType_Slot frame_plane_slots[] = {
-    {Py_bf_getbuffer, (void *)frame_plane_getbuffer},
-    {Py_bf_releasebuffer, (void *)frame_plane_releasebuffer},
-    {Py_tp_doc, (void *)"A plane of a VapourSynth frame (float32, 2-D, strided), valid only during the call."},
-    {0, NULL},
-};
-
-static PyType_Spec frame_plane_spec = {
-    "selftransfer.FramePlane", sizeof(FramePlane), 0, Py_TPFLAGS_DEFAULT, frame_plane_slots,
-};
-
-static PyObject *frame_plane_type; /* created once, under the GIL */
-
-static int frame_plane_type_ready(void) {
-    if (!frame_plane_type)
-        frame_plane_type = PyType_FromSpec(&frame_plane_spec);
-    return frame_plane_type != NULL;
+/* Hold what the view references, before the check (the view is alive and unreleased here). */
+static void hold_referents(LentPlane *plane) {
+    plane->num_referents = 0;
+    plane->too_many_referents = 0;
+    traverseproc traverse = Py_TYPE(plane->view)->tp_traverse;
+    if (traverse)
+        traverse(plane->view, collect_referent, plane);
+    else
+        plane->too_many_referents = 1;
 }
 
-static FramePlane *frame_plane_new(const uint8_t *data, int width, int height, ptrdiff_t stride, int writable) {
-    FramePlane *plane = PyObject_New(FramePlane, (PyTypeObject *)frame_plane_type);
-    if (!plane)
-        return NULL;
-    plane->data = (void *)data;
-    plane->shape[0] = height;
-    plane->shape[1] = width;
-    plane->strides[0] = (Py_ssize_t)stride;
-    plane->strides[1] = sizeof(float);
-    plane->readonly = !writable;
-    plane->exports = 0;
-    return plane;
+/* Whether anything but the plugin (the held references and the view itself) references the view's referents:
+ * then some derived view or array can still reach the frame memory. */
+static int referenced_elsewhere(LentPlane *plane) {
+    if (plane->too_many_referents)
+        return 1;
+    traverseproc traverse = Py_TYPE(plane->view)->tp_traverse;
+    for (int i = 0; i < plane->num_referents; i++) {
+        VisitCount count = {plane->referents[i], 0};
+        if (traverse)
+            traverse(plane->view, count_visits, &count);
+        if (Py_REFCNT(plane->referents[i]) > 1 + count.visits)
+            return 1;
+    }
+    return 0;
+}
+
+/* Release the view: no new access through it, and fails while a consumer holds its buffer. */
+static int release_view(LentPlane *plane) {
+    PyObject *result = PyObject_CallMethod(plane->view, "release", NULL);
+    if (!result) {
+        PyErr_Clear();
+        return 0;
+    }
+    Py_DECREF(result);
+    return 1;
+}
+
+/* gc.collect(), which runs even where automatic collection is disabled (PyGC_Collect does not). */
+static void collect_garbage(void) {
+    PyObject *gc = PyImport_ImportModule("gc");
+    PyObject *result = gc ? PyObject_CallMethod(gc, "collect", NULL) : NULL;
+    Py_XDECREF(result);
+    Py_XDECREF(gc);
+    PyErr_Clear();
+}
+
+/* Take back the lent planes after the call (the GIL is held): release every view, collect garbage once if
+ * something still references one (a traceback cycle), and set reachable[i] for each plane whose memory Python can
+ * still reach. Drops the plugin's references either way. Does not disturb a pending Python exception. */
+static void take_back_planes(LentPlane *planes, int count, int *reachable) {
+    PyObject *pending = PyErr_GetRaisedException();
+    int any = 0;
+    for (int i = 0; i < count; i++) {
+        reachable[i] = 0;
+        if (!planes[i].view)
+            continue;
+        hold_referents(&planes[i]);
+        reachable[i] = !release_view(&planes[i]) || referenced_elsewhere(&planes[i]);
+        any |= reachable[i];
+    }
+    if (any) {
+        collect_garbage();
+        for (int i = 0; i < count; i++)
+            if (reachable[i])
+                reachable[i] = !release_view(&planes[i]) || referenced_elsewhere(&planes[i]);
+    }
+    for (int i = 0; i < count; i++) {
+        for (int r = 0; r < planes[i].num_referents; r++)
+            Py_DECREF(planes[i].referents[r]);
+        planes[i].num_referents = 0;
+        Py_CLEAR(planes[i].view);
+    }
+    PyErr_SetRaisedException(pending);
 }
 
 /* ------------------------------------------------------------------------------------------------------------ */
@@ -253,7 +378,6 @@ static void pool_destroy(SlotPool *pool) {
 typedef struct {
     VSNode *node;      /* RGBS input */
     VSVideoInfo vi;    /* RGBS output, scale x the input size */
-    int clamp;         /* clamp the output to [0, 1]: the clip is converted back to an integer format */
     PyObject *session; /* vs_selftransfer.runtime.Upscaler */
     PyObject *process; /* session.process(slot, n, src_planes, dst_planes) */
     SlotPool pool;
@@ -282,53 +406,55 @@ static void VS_CC upscale_free(void *instance_data, VSCore *core, const VSAPI *v
     free(d);
 }
 
-/* Runs the model on one frame; the GIL is held. Returns NULL or an error message to free. Sets *still_referenced
- * when Python kept an array into the frames: their memory must then stay allocated. */
+/* Runs the model on one frame; the GIL is held. Returns NULL or an error message to free. Sets *keep_src /
+ * *keep_dst when Python can still reach that frame's memory (see take_back_planes): it must then stay allocated. */
 static char *run_model(UpscaleData *d, int slot, int n, const VSFrame *src, VSFrame *dst, const VSAPI *vsapi,
-                       int *still_referenced) {
-    FramePlane *planes[6] = {NULL, NULL, NULL, NULL, NULL, NULL};
+                       int *keep_src, int *keep_dst) {
+    LentPlane planes[6];
     PyObject *src_planes = NULL, *dst_planes = NULL, *result = NULL;
     char *error = NULL;
 
-    *still_referenced = 0;
+    memset(planes, 0, sizeof planes);
     for (int p = 0; p < 3; p++) {
-        planes[p] = frame_plane_new(vsapi->getReadPtr(src, p), vsapi->getFrameWidth(src, p),
-                                    vsapi->getFrameHeight(src, p), vsapi->getStride(src, p), 0);
-        planes[3 + p] = frame_plane_new(vsapi->getWritePtr(dst, p), vsapi->getFrameWidth(dst, p),
-                                        vsapi->getFrameHeight(dst, p), vsapi->getStride(dst, p), 1);
-        if (!planes[p] || !planes[3 + p])
+        if (lend_plane(&planes[p], (uint8_t *)vsapi->getReadPtr(src, p), vsapi->getFrameWidth(src, p),
+                       vsapi->getFrameHeight(src, p), vsapi->getStride(src, p), 0) < 0 ||
+            lend_plane(&planes[3 + p], vsapi->getWritePtr(dst, p), vsapi->getFrameWidth(dst, p),
+                       vsapi->getFrameHeight(dst, p), vsapi->getStride(dst, p), 1) < 0)
             goto python_error;
     }
-    src_planes = PyTuple_Pack(3, planes[0], planes[1], planes[2]);
-    dst_planes = PyTuple_Pack(3, planes[3], planes[4], planes[5]);
+    src_planes = PyTuple_Pack(3, planes[0].view, planes[1].view, planes[2].view);
+    dst_planes = PyTuple_Pack(3, planes[3].view, planes[4].view, planes[5].view);
     if (!src_planes || !dst_planes)
         goto python_error;
     result = PyObject_CallFunction(d->process, "iiOO", slot, n, src_planes, dst_planes);
     if (!result)
         goto python_error;
-    goto revoke;
+    goto take_back;
 
 python_error:
-    error = take_python_error(1); /* drops the traceback too, and with it the failed call's arrays */
-revoke:
+    error = take_python_error(1); /* drops the exception and its traceback, and with them the failed call's arrays */
+take_back:
     Py_XDECREF(result);
     Py_XDECREF(src_planes);
     Py_XDECREF(dst_planes);
-    for (int i = 0; i < 6; i++) {
-        if (!planes[i])
-            continue;
-        planes[i]->data = NULL;
-        *still_referenced |= planes[i]->exports != 0;
-        Py_DECREF(planes[i]);
+    int reachable[6];
+    take_back_planes(planes, 6, reachable);
+    *keep_src = reachable[0] | reachable[1] | reachable[2];
+    *keep_dst = reachable[3] | reachable[4] | reachable[5];
+    if (*keep_src || *keep_dst) {
+        const char *kept = "the runtime kept a reference to frame memory after returning (a numpy array or view of "
+                           "a frame plane is still alive); the frame's memory is leaked rather than freed under it";
+        char *message = error ? format_message("%s; and %s", error, kept) : format_message("%s: %s", FUNC, kept);
+        free(error);
+        error = message;
     }
-    if (*still_referenced && !error)
-        error = format_message("%s: the runtime kept a reference to frame memory after returning (a numpy array of a "
-                               "frame plane is still alive)", FUNC);
     return error;
 }
 
-/* Integer output formats cannot hold values outside [0, 1]; clip here (NaN -> 0) rather than leaving it to the
- * RGB -> YUV conversion, which would carry overshoot into the chroma. */
+/* Every output is clamped to the nominal RGB range [0, 1] (NaN -> 0), here rather than after the RGB -> YUV
+ * conversion, which would carry overshoot into the chroma: integer formats cannot hold more, and float formats
+ * get the same values as integer ones (a float YUV output is also limited to its nominal range after the
+ * conversion, see from_rgbs). */
 static void clamp_unit_range(VSFrame *frame, const VSAPI *vsapi) {
     for (int p = 0; p < 3; p++) {
         uint8_t *row = vsapi->getWritePtr(frame, p);
@@ -361,15 +487,15 @@ static const VSFrame *VS_CC upscale_get_frame(int n, int activation_reason, void
     } else {
         int slot = pool_acquire(&d->pool); /* wait for a free session before taking the GIL */
         PyGILState_STATE gil = PyGILState_Ensure();
-        int still_referenced = 0;
-        error = run_model(d, slot, n, src, dst, vsapi, &still_referenced);
+        int keep_src = 0, keep_dst = 0;
+        error = run_model(d, slot, n, src, dst, vsapi, &keep_src, &keep_dst);
         PyGILState_Release(gil);
         pool_release(&d->pool, slot);
-        if (still_referenced) {
-            /* Python still points into these frames: leak them rather than free memory it may touch later. */
+        /* Python can still reach these frames' memory: leak them rather than free memory it may touch later. */
+        if (keep_src)
             src = NULL;
+        if (keep_dst)
             dst = NULL;
-        }
     }
     if (src)
         vsapi->freeFrame(src);
@@ -380,8 +506,7 @@ static const VSFrame *VS_CC upscale_get_frame(int n, int activation_reason, void
             vsapi->freeFrame(dst);
         return NULL;
     }
-    if (d->clamp)
-        clamp_unit_range(dst, vsapi);
+    clamp_unit_range(dst, vsapi);
     return dst;
 }
 
@@ -484,8 +609,6 @@ static int get_int_attribute(PyObject *object, const char *name, long *out) {
  * The GIL is held. On success sets the session, its bound process method, the scale and the stream count. */
 static int create_session(const VSMap *in, const VSVideoInfo *vi, const VSAPI *vsapi, PyObject **session,
                           PyObject **process, long *scale, long *num_streams, char *err, size_t err_size) {
-    if (!frame_plane_type_ready())
-        return copy_error(err, err_size, take_python_error(1));
     PyObject *module = PyImport_ImportModule(RUNTIME_MODULE);
     if (!module) {
         char *cause = take_python_error(1);
@@ -566,8 +689,8 @@ static int is_subsampled(const VSVideoFormat *f) {
     return f->colorFamily == cfYUV && (f->subSamplingW || f->subSamplingH);
 }
 
-/* Defaults when frame 0 says nothing: BT.709 for HD, BT.601 (170m) for SD sizes (width <= 1024 and height <= 576,
- * what SD sources use), limited range for YUV and full for RGB, left chroma location (MPEG-2/H.264/HEVC). */
+/* Defaults when frame 0 says nothing: the matrix is left VSC_MATRIX_UNSPECIFIED for default_matrix() to choose,
+ * limited range for YUV and full for RGB, left chroma location (MPEG-2/H.264/HEVC). */
 static int read_colorimetry(VSNode *clip, const VSVideoInfo *vi, const VSAPI *vsapi, Colorimetry *c, char *err,
                             size_t err_size) {
     char frame_error[1024] = "";
@@ -581,10 +704,11 @@ static int read_colorimetry(VSNode *clip, const VSVideoInfo *vi, const VSAPI *vs
     int error = 0, ok = 1;
 
     int64_t matrix = vsapi->mapGetInt(props, "_Matrix", 0, &error);
-    if (error || matrix == VSC_MATRIX_UNSPECIFIED)
-        matrix = (vi->width <= 1024 && vi->height <= 576) ? VSC_MATRIX_ST170_M : VSC_MATRIX_BT709;
+    if (error)
+        matrix = VSC_MATRIX_UNSPECIFIED;
     c->matrix = (int)matrix;
-    if (is_yuv && (matrix == VSC_MATRIX_RGB || matrix < 0 || matrix > VSC_MATRIX_ICTCP)) {
+    int yuv_matrix = matrix == VSC_MATRIX_UNSPECIFIED || (matrix > VSC_MATRIX_RGB && matrix <= VSC_MATRIX_ICTCP);
+    if (is_yuv && !yuv_matrix) {
         snprintf(err, err_size, "%s: clip: frame 0 of this YUV clip has _Matrix=%lld, which is not a YUV matrix; fix "
                                 "it with std.SetFrameProps(_Matrix=...)", FUNC, (long long)matrix);
         ok = 0;
@@ -611,6 +735,29 @@ static int read_colorimetry(VSNode *clip, const VSVideoInfo *vi, const VSAPI *vs
     }
     vsapi->freeFrame(frame);
     return ok;
+}
+
+/* The matrix of an untagged YUV clip, from the project's one rule (vs_selftransfer.colour.default_matrix, which the
+ * trainer decodes its training frames with), so the model is fed frames converted as the ones it learned from.
+ * The GIL is held. */
+static int default_matrix(const VSVideoInfo *vi, int *matrix, char *err, size_t err_size) {
+    PyObject *module = PyImport_ImportModule(COLOUR_MODULE);
+    PyObject *value = module ? PyObject_CallMethod(module, "default_matrix", "ii", vi->width, vi->height) : NULL;
+    Py_XDECREF(module);
+    long code = value ? PyLong_AsLong(value) : -1;
+    Py_XDECREF(value);
+    if (code == -1 && PyErr_Occurred()) {
+        char *cause = take_python_error(1);
+        return copy_error(err, err_size, format_message("%s: cannot get the default YUV matrix from %s (%s)", FUNC,
+                                                        COLOUR_MODULE, cause + strlen(FUNC ": ")));
+    }
+    if (code < VSC_MATRIX_BT709 || code > VSC_MATRIX_ICTCP || code == VSC_MATRIX_UNSPECIFIED || code == 3) {
+        snprintf(err, err_size, "%s: %s.default_matrix(%d, %d) returned %ld, not an H.273 YUV matrix code", FUNC,
+                 COLOUR_MODULE, vi->width, vi->height, code);
+        return 0;
+    }
+    *matrix = (int)code;
+    return 1;
 }
 
 /* ------------------------------------------------------------------------------------------------------------ */
@@ -694,6 +841,18 @@ static VSNode *to_rgbs(VSNode *clip, const VSVideoInfo *vi, const Colorimetry *c
     return rgbs;
 }
 
+/* A float YUV clip limited to the nominal float ranges, Y in [0, 1] and chroma in [-0.5, 0.5]: RGB in [0, 1]
+ * converts into them, but resampling subsampled chroma can overshoot, which an integer format's code range clips
+ * too. Consumes `clip`. */
+static VSNode *limit_float_yuv(VSNode *clip, VSCore *core, const VSAPI *vsapi, char *err, size_t err_size) {
+    VSMap *args = vsapi->createMap();
+    vsapi->mapConsumeNode(args, "clip", clip, maReplace);
+    const double low[3] = {0.0, -0.5, -0.5}, high[3] = {1.0, 0.5, 0.5};
+    vsapi->mapSetFloatArray(args, "min", low, 3);
+    vsapi->mapSetFloatArray(args, "max", high, 3);
+    return invoke_for_clip(VSH_STD_PLUGIN_ID, "Limiter", args, core, vsapi, err, err_size);
+}
+
 /* RGBS model output -> the clip's format, carrying the source frames' properties. Consumes `upscaled`. */
 static VSNode *from_rgbs(VSNode *upscaled, VSNode *clip, const VSVideoInfo *vi, const Colorimetry *c, VSCore *core,
                          const VSAPI *vsapi, char *err, size_t err_size) {
@@ -701,6 +860,8 @@ static VSNode *from_rgbs(VSNode *upscaled, VSNode *clip, const VSVideoInfo *vi, 
         return upscaled;
     VSNode *converted = convert(upscaled, &vi->format, c, 0, core, vsapi, err, err_size);
     vsapi->freeNode(upscaled);
+    if (converted && vi->format.colorFamily == cfYUV && vi->format.sampleType == stFloat)
+        converted = limit_float_yuv(converted, core, vsapi, err, err_size);
     if (!converted)
         return NULL;
     VSMap *args = vsapi->createMap();
@@ -731,7 +892,9 @@ static void VS_CC upscale_create(const VSMap *in, VSMap *out, void *user_data, V
         goto fail;
     }
     PyGILState_STATE gil = PyGILState_Ensure();
-    int created = create_session(in, vi, vsapi, &python_objects[0], &python_objects[1], &scale, &num_streams, err,
+    int created = (vi->format.colorFamily != cfYUV || color.matrix != VSC_MATRIX_UNSPECIFIED ||
+                   default_matrix(vi, &color.matrix, err, sizeof err)) &&
+                  create_session(in, vi, vsapi, &python_objects[0], &python_objects[1], &scale, &num_streams, err,
                                  sizeof err);
     PyGILState_Release(gil);
     if (!created)
@@ -757,7 +920,6 @@ static void VS_CC upscale_create(const VSMap *in, VSMap *out, void *user_data, V
     d->vi = *vsapi->getVideoInfo(d->node);
     d->vi.width *= (int)scale;
     d->vi.height *= (int)scale;
-    d->clamp = vi->format.sampleType == stInteger;
     d->session = python_objects[0];
     d->process = python_objects[1];
     python_objects[0] = python_objects[1] = NULL;
@@ -810,8 +972,9 @@ static void add_python_versions(VSMap *out, const VSAPI *vsapi) {
         set_text(out, "runtime", cause + strlen(FUNC ": "), vsapi);
         free(cause);
     } else {
-        const char *path_text = PyUnicode_Check(path) ? PyUnicode_AsUTF8(path) : NULL;
-        set_text(out, "runtime", path_text ? path_text : "?", vsapi);
+        PyObject *path_text = PyUnicode_Check(path) ? printable_utf8(path) : NULL;
+        set_text(out, "runtime", path_text ? PyBytes_AS_STRING(path_text) : "?", vsapi);
+        Py_XDECREF(path_text);
         PyErr_Clear();
         PyObject *key, *value;
         Py_ssize_t pos = 0;
