@@ -59,6 +59,15 @@ def test_fit_end_to_end_on_the_shared_clip(clip_path, official_path, tmp_path, c
     assert v["shipped_psnr_y"] == max(v["selftransfer_psnr_y"], v["generic_psnr_y"])
     assert v["best_step"] == (4 if v["shipped"] == "selftransfer" else 0)
     assert set(m["timings"]) >= {"probe_s", "frames_pairs_s", "train_s", "s_per_step"}  # export_s: not yet known
+    # The default fit measures bf16 on the held-out frames (where this CPU has it natively), so precision="auto"
+    # can use it for this bundle; without native bf16 the record says it was not measured.
+    bf16 = m["precision"]["bf16"]
+    from vs_selftransfer.backend_base import native_support
+    if native_support("bf16") is not None:
+        assert bf16["measured"] and bf16["frames"] == len(val)
+        assert bf16["accepted"] == (bf16["loss_db"] <= bf16["budget_db"])
+    else:
+        assert not bf16["measured"] and not bf16["accepted"] and "no native bf16" in bf16["reason"]
     # The work folder is gone and nothing else was left next to the output.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bbb.stm"]
 

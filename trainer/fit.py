@@ -194,12 +194,14 @@ def run(args) -> int:
             "selection": dict(pairs.selection),
         }
         degradation = dict(pairs.degradation)
+        # The held-out (LR, HR) frames on which export measures what bf16 (and int8) would cost for this video:
+        # the runtime's precision="auto" uses a lower precision only where that measurement accepted it.
+        val_pairs = [pairs.val_pair(i) for i in range(len(pairs.val_indices))]
         int8 = None
-        if args.int8 == "auto":  # LR frames for calibration, (LR, HR) held-out frames to measure the loss on
+        if args.int8 == "auto":  # LR frames for calibration
             n_train = len(pairs.train_indices)
             calib = [pairs.train_pair(i)[0] for i in range(0, n_train, max(1, n_train // INT8_CALIB_FRAMES))]
-            int8 = {"calib": calib[:INT8_CALIB_FRAMES],
-                    "val": [pairs.val_pair(i) for i in range(len(pairs.val_indices))]}
+            int8 = {"calib": calib[:INT8_CALIB_FRAMES], "val": val_pairs}
     train_config = dict(cfg.to_dict(), init=init_desc["name"], init_sha256=init_desc["sha256"],
                         horizon=result.horizon, device=result.device, precision=result.precision,
                         threads=result.threads)
@@ -226,7 +228,7 @@ def run(args) -> int:
         "timings": dict(timings, s_per_step=result.s_per_step, images_per_s=result.images_per_s),
     }
     check_output_path(output, args.force, inputs=[args.video, args.init])  # it may have appeared meanwhile
-    manifest = export_bundle(result.model, output, extra=extra, int8=int8)
+    manifest = export_bundle(result.model, output, extra=extra, int8=int8, val=val_pairs)
     timings["export_s"] = time.perf_counter() - t
 
     if not args.keep_work:
