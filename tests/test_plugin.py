@@ -31,7 +31,7 @@ import vapoursynth as vs  # noqa: E402
 
 from conftest import ROOT  # noqa: E402
 import vs_selftransfer  # noqa: E402
-from vs_selftransfer import runtime  # noqa: E402
+from vs_selftransfer import runtime, tiling  # noqa: E402
 from vs_selftransfer.bundle import MANIFEST  # noqa: E402
 
 PLUGIN_SOURCE = ROOT / "vs_selftransfer" / "plugin" / "selftransfer.c"
@@ -557,7 +557,7 @@ def test_runtime_defaults():
     assert runtime.default_parallelism("cpu", 4, 4, cores=2) == (4, 4)  # both given: the user's call
     assert runtime.default_parallelism("cuda", None, None, cores=16) == (1, 1)
     assert runtime.parse_tilesize(None, 640, 360) == (0, 0)
-    assert runtime.parse_tilesize(None, 1920, 1080) == (runtime.AUTO_TILE, runtime.AUTO_TILE)
+    assert runtime.parse_tilesize(None, 1920, 1080) == (tiling.AUTO_TILE, tiling.AUTO_TILE)
     assert runtime.parse_tilesize([128, 64], 1920, 1080) == (64, 128)
     assert runtime.parse_tilesize(96, 1920, 1080) == (96, 96)
 
@@ -565,7 +565,7 @@ def test_runtime_defaults():
 def test_default_overlap_covers_the_receptive_field():
     from vs_selftransfer.model import RECEPTIVE_RADIUS
 
-    assert runtime.DEFAULT_OVERLAP >= RECEPTIVE_RADIUS
+    assert tiling.OVERLAP >= RECEPTIVE_RADIUS  # the overlap the runtime defaults to
 
 
 @pytest.mark.gpu

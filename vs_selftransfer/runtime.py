@@ -22,8 +22,6 @@ import numpy as np
 from vs_selftransfer.backend_base import NATIVE_FLAGS, PRECISIONS, cpu_flags, native_support, parse_device
 from vs_selftransfer.bundle import Bundle, BundleError
 from vs_selftransfer.tiling import OVERLAP, auto_tile, tiled_upscale, window_shape
-# The tile rule's numbers, read from here by pipeline/upscale.py's script comments and by the tests.
-from vs_selftransfer.tiling import AUTO_TILE, AUTO_TILE_MAX_PIXELS  # noqa: F401
 
 # name -> module; each module has `class Backend` and `available(device) -> str | None` (see the backend modules).
 BACKENDS = {
@@ -32,8 +30,6 @@ BACKENDS = {
     "torch": "vs_selftransfer.backend_torch",
     "trt": "vs_selftransfer.backend_trt",
 }
-# ``overlap``'s default: the one overlap of vs_selftransfer.tiling (``tilesize``'s default is its auto_tile rule).
-DEFAULT_OVERLAP = OVERLAP
 MIN_TILE = 8
 MAX_OVERLAP = 512
 MAX_STREAMS = 64
@@ -332,7 +328,7 @@ def create(model, backend=None, device=None, tilesize=None, overlap=None, num_st
     if precision != "auto" and precision not in PRECISIONS:
         raise ValueError(f"precision: must be auto or one of {', '.join(PRECISIONS)}, not {precision!r}")
     tile = parse_tilesize(tilesize, width, height)
-    overlap = DEFAULT_OVERLAP if overlap is None else _int_arg("overlap", overlap, 0, MAX_OVERLAP)
+    overlap = OVERLAP if overlap is None else _int_arg("overlap", overlap, 0, MAX_OVERLAP)
     if num_streams is not None:
         num_streams = _int_arg("num_streams", num_streams, 1, MAX_STREAMS)
     if threads is not None:

@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from vs_selftransfer.errors import UserError
-from vs_selftransfer.files import check_not_an_input, fsync_dir
+from vs_selftransfer.files import check_not_an_input, current_umask, fsync_dir
 from vs_selftransfer.tiling import AUTO_TILE, AUTO_TILE_MAX_PIXELS, OVERLAP, auto_tile
 from selftransfer_trainer.metrics import flicker, psnr_rgb, psnr_y, quantize, rgb_to_y, shave, ssim_y
 
@@ -570,9 +570,7 @@ def evaluate(o: Options) -> dict:
         tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     except OSError as e:
         raise UserError(f"-o {out}: cannot write in {out.parent} ({e.strerror or e})") from None
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_dir, 0o777 & ~umask)  # mkdtemp's 0700 would otherwise stick to the report directory
+    os.chmod(tmp_dir, 0o777 & ~current_umask())  # mkdtemp's 0700 would otherwise stick to the report directory
     try:
         result = run_frames(o, setup)
         report = build_report(o, setup, result, time.time() - started)

@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from vs_selftransfer import runtime
+from vs_selftransfer import tiling
 from vs_selftransfer.errors import UserError
 from vs_selftransfer.pipeline.options import FilterOptions, add_filter_arguments
 
@@ -102,9 +102,9 @@ def build_script(source: str | os.PathLike, model: str | os.PathLike, options: F
         model_summary=f"  # {model_summary}" if model_summary else "",
         source_block=SOURCE_CACHED if index_cache else SOURCE_UNCACHED,
         call_args=options.call_args(),
-        auto_tile_max_pixels=runtime.AUTO_TILE_MAX_PIXELS,
-        auto_tile=runtime.AUTO_TILE,
-        overlap=runtime.DEFAULT_OVERLAP,
+        auto_tile_max_pixels=tiling.AUTO_TILE_MAX_PIXELS,
+        auto_tile=tiling.AUTO_TILE,
+        overlap=tiling.OVERLAP,
     )
 
 
