@@ -47,7 +47,7 @@ def test_fp32_without_measurements():
 def test_bf16_only_where_measured_within_budget_and_native():
     ok = FakeBundle({"bf16": record(loss=0.012)})
     precision, why = runtime.precision_choice(ok, "ov", "cpu", flags=BF16)
-    assert precision == "bf16" and "+0.012 dB" in why and "avx512_bf16" in why
+    assert precision == "bf16" and "-0.012 dB vs fp32" in why and "avx512_bf16" in why
     assert runtime.choose_precision(ok, "ov", "cpu", flags=AMX) == "bf16"
     precision, why = runtime.precision_choice(ok, "ov", "cpu", flags=AVX2)
     assert precision == "fp32" and "not native" in why
@@ -57,7 +57,7 @@ def test_bf16_only_where_measured_within_budget_and_native():
 
     lost = FakeBundle({"bf16": record(accepted=False, loss=0.081)})
     precision, why = runtime.precision_choice(lost, "ov", "cpu", flags=BF16)
-    assert precision == "fp32" and "+0.081 dB" in why
+    assert precision == "fp32" and "lost 0.081 dB" in why
 
     elsewhere = FakeBundle({"bf16": record(engine="ort")})
     precision, why = runtime.precision_choice(elsewhere, "ov", "cpu", flags=BF16)
@@ -103,7 +103,7 @@ def test_the_fastest_measured_of_several_accepted():
     # int8 rejected: bf16 all the same.
     both["int8"] = record(accepted=False, loss=0.17)
     precision, why = runtime.precision_choice(FakeBundle(both, members), "ov", "cpu", flags=AMX)
-    assert precision == "bf16" and "int8 lost +0.170 dB" in why
+    assert precision == "bf16" and "int8 lost 0.170 dB" in why
 
 
 # -- real runs ------------------------------------------------------------------------------------------------------
@@ -117,6 +117,15 @@ def val_pairs(clip_path):
         lr = degrade(rgb, 2)[CROP]
         pairs.append((lr, rgb[CROP[0].start * 2:CROP[0].stop * 2, CROP[1].start * 2:CROP[1].stop * 2]))
     return pairs
+
+
+@pytest.fixture(scope="module")
+def calib_lr(clip_path):
+    """LR calibration frames other than the validation frames."""
+    from selftransfer_trainer.degrade import degrade
+    from selftransfer_trainer.video import read_frames
+
+    return [degrade(rgb, 2)[CROP] for _, _, rgb in read_frames(str(clip_path), [40, 70])]
 
 
 def _native_bf16_or_skip():
@@ -205,3 +214,56 @@ def test_worker_process_matches_in_process(tiny_bundle, monkeypatch):
     with pytest.raises(RuntimeError, match="worker process .* died"):
         worker(x)
     worker.close()
+
+
+def test_int8_float_layers_follow_the_record_and_the_cpu():
+    """The int8 graph's float layers run in bf16 only where fit measured them so and this CPU computes bf16."""
+    measured_bf16 = {"precision": {"int8": dict(record(), float_layers="bf16")}}
+    measured_fp32 = {"precision": {"int8": dict(record(), float_layers="fp32")}}
+    assert backend_ov.int8_float_layers(measured_bf16, flags=BF16 | VNNI) == "bf16"
+    assert backend_ov.int8_float_layers(measured_bf16, flags=AMX) == "bf16"
+    assert backend_ov.int8_float_layers(measured_bf16, flags=VNNI) == "fp32"  # no bf16 here: fp32, closer to fp32
+    assert backend_ov.int8_float_layers(measured_fp32, flags=BF16 | VNNI) == "fp32"  # bf16 was not measured
+    assert backend_ov.int8_float_layers({"precision": {"int8": record()}}, flags=BF16) == "fp32"  # older record
+    assert backend_ov.int8_float_layers({}, flags=BF16) == "fp32"
+    with pytest.raises(ValueError, match="int8 graph only"):
+        backend_ov.open_engine(b"", precision="bf16", float_layers="bf16")
+
+
+def test_real_int8_with_bf16_float_layers(official_path, val_pairs, calib_lr):
+    """The official CARN-M x2 on real frames: the int8 graph is measured with fp32 and with bf16 float layers, the
+    record names the variant it accepted, and the ov backend runs that variant (its numbers match the record)."""
+    from selftransfer_trainer.export import export_bundle
+    from selftransfer_trainer.metrics import psnr_y, quantize
+    from selftransfer_trainer.weights import initial_model
+    from vs_selftransfer.bundle import Bundle
+    from vs_selftransfer.model import ModelConfig
+
+    _native_bf16_or_skip()
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "int8.stm"
+        manifest = export_bundle(initial_model(ModelConfig(scale=2), str(official_path)), path, torchscript=False,
+                                 tensorrt=False, int8={"calib": calib_lr, "val": val_pairs})
+        rec = manifest["precision"]["int8"]
+        variants = rec["float_layer_variants"]
+        assert set(variants) == {"fp32", "bf16"} and rec["engine"] == "ov"
+        assert variants["bf16"]["val_psnr_y_int8"] != variants["fp32"]["val_psnr_y_int8"]  # bf16 really computed
+        for v in variants.values():  # int8 is really int8: not the fp32 figure, and within a sane distance of it
+            assert 0 < abs(v["loss_db"]) < 0.3
+        assert rec["accepted"] is variants[rec["float_layers"]]["accepted"]
+        if not rec["accepted"]:
+            pytest.skip(f"int8 not accepted on these frames ({rec['loss_db']:+.3f} dB): nothing to run")
+        bundle = Bundle.open(path)
+        backend = backend_ov.Backend(bundle, precision="int8", threads=1, window=val_pairs[0][0].shape[:2])
+        assert backend.float_layers == rec["float_layers"]
+        assert f"({'bf16' if rec['float_layers'] == 'bf16' else 'f32'} float layers)" in backend.description
+        scores = []
+        for lr, hr in val_pairs:
+            sr = backend(np.ascontiguousarray(lr.transpose(2, 0, 1)[None], np.float32) / 255.0)[0]
+            scores.append(psnr_y(quantize(sr), hr.transpose(2, 0, 1).astype(np.float64) / 255.0, 2))
+        assert np.mean(scores) == pytest.approx(rec["val_psnr_y_int8"], abs=1e-3)
+        why = runtime.precision_choice(bundle, "ov", "cpu")[1]
+        assert "int8" in why and "float layers in" in why

@@ -58,8 +58,9 @@ def export_bundle(model: CARN, path: str | os.PathLike, *, extra: dict | None = 
     otherwise) or False. ``check``: run every exported graph against the eager model and refuse to write a bundle
     whose graphs differ by more than CHECK_TOLERANCE (TRT_FP16_TOLERANCE for the fp16 engine).
     ``int8``: {"calib": [LR frames], "val": [(LR, HR) pairs]} (RGB uint8 HWC) to calibrate a per-video int8 graph
-    (selftransfer_trainer.quantize); it is shipped only when its measured loss is within the budget, and the decision is
-    recorded in the manifest's ``precision.int8`` either way.
+    (selftransfer_trainer.quantize), plus "pairs" (the training pairs file) and "qat" (a QATConfig) to make it by
+    quantization-aware fine-tuning (selftransfer_trainer.qat); it is shipped only when its measured loss is within
+    the budget, and the decision is recorded in the manifest's ``precision.int8`` either way.
     ``val``: held-out (LR, HR) pairs (RGB uint8 HWC; default: ``int8``'s) on which the bf16 loss is measured and
     recorded as ``precision.bf16`` (selftransfer_trainer.precision), which gates the runtime's bf16.
     """
@@ -108,7 +109,8 @@ def export_bundle(model: CARN, path: str | os.PathLike, *, extra: dict | None = 
     if int8 is not None:
         from selftransfer_trainer.quantize import quantize_for_video
 
-        data, report = quantize_for_video(members["model.onnx"], int8["calib"], int8["val"], cfg.scale)
+        data, report = quantize_for_video(members["model.onnx"], int8["calib"], int8["val"], cfg.scale, model=model,
+                                          pairs_path=int8.get("pairs"), qat=int8.get("qat"))
         if data is not None:
             check_onnx(data, "calibrated model.int8.onnx")
             members["model.int8.onnx"] = data
@@ -482,7 +484,8 @@ def describe(bundle: Bundle) -> str:
                 lines.append(f"  {key + ':':12s} {p(val[key])}")
     precision = m.get("precision")
     if isinstance(precision, dict) and precision:
-        lines.append(f"  precision:   {p(json.dumps(precision, sort_keys=True))}")
+        for name, record in precision.items():
+            lines.append(f"  {p(name) + ':':12s} {p(_fmt_precision(record))}")
     from vs_selftransfer.runtime import backend_choice, precision_choice  # what Upscale's defaults run here, and why
     auto_backend, why = backend_choice("cpu")
     lines.append(f"  auto here:   {p(why)}; {p(precision_choice(bundle, auto_backend, 'cpu')[1])}")
@@ -500,6 +503,28 @@ def describe(bundle: Bundle) -> str:
     if isinstance(versions, dict) and versions:
         lines.append("  versions:    " + p(", ".join(f"{k} {v}" for k, v in versions.items())))
     return "\n".join(lines)
+
+
+def _fmt_precision(record) -> str:
+    """One precision record of the manifest (trainer/quantize.py, trainer/precision.py) in words."""
+    if not isinstance(record, dict):
+        return "unreadable record"
+    if record.get("measured") is False:
+        return f"not measured ({record.get('reason', 'no reason given')})"
+    num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    words = ["accepted" if record.get("accepted") is True else "refused"]
+    if num(record.get("loss_db")):
+        words.append(f"{-record['loss_db']:+.3f} dB vs fp32 on {record.get('frames', 'the')} held-out frames "
+                     f"(budget {record.get('budget_db')} dB)")
+    engine = f"measured with {record.get('engine')}"
+    if isinstance(record.get("float_layers"), str):
+        engine += f", {record['float_layers']} float layers"
+    words.append(engine)
+    speed = record.get("s_per_val_frame")
+    if isinstance(speed, dict) and all(num(v) for v in speed.values()) and speed:
+        order = sorted(speed, key=lambda k: k != "fp32")  # fp32 first: the others are read against it
+        words.append(" -> ".join(f"{k} {speed[k]:.2f}" for k in order) + " s/frame")
+    return ", ".join(words)
 
 
 def _fmt_validation(val: dict) -> list[str]:

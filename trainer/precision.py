@@ -20,14 +20,27 @@ from selftransfer_trainer.quantize import BUDGET_DB
 ENGINE = "ov"
 
 
-def _run_frames(onnx: bytes, precision: str, frames: list[np.ndarray], scale: int,
-                threads: int) -> tuple[list[np.ndarray], float]:
-    """SR outputs (C, sH, sW) float32 of ``frames`` ((C, H, W) float32) and the mean seconds per frame, computed
-    the way the runtime's ov backend computes them (whole frames, the same engine and options)."""
+def run_frames(onnx: bytes, precision: str, frames: list[np.ndarray], scale: int, threads: int = 0, *,
+               engine: str = ENGINE, float_layers: str = "fp32") -> tuple[list[np.ndarray], float]:
+    """SR outputs (C, sH, sW) float32 of ``frames`` ((C, H, W) float32, one size) and the mean seconds per frame,
+    computed the way the runtime's backend ``engine`` ("ov" or "ort") computes them: whole frames, the same engine
+    and options (OpenVINO compiled for the frame's static shape, as the runtime compiles for its window)."""
+    if engine == "ort":
+        from vs_selftransfer.backend_ort import make_session, session_runner
+
+        run = session_runner(make_session(onnx, threads=threads))
+        run(frames[0][None])  # the first call allocates the session's memory: not timed
+        outs, elapsed = [], 0.0
+        for img in frames:
+            t = time.perf_counter()
+            outs.append(np.asarray(run(img[None]), np.float32)[0])
+            elapsed += time.perf_counter() - t
+        return outs, elapsed / len(frames)
     from vs_selftransfer.backend_ov import open_engine
 
     h, w = frames[0].shape[1:]
-    engine = open_engine(onnx, what=f"model.onnx ({precision})", precision=precision, threads=threads, window=(h, w))
+    engine = open_engine(onnx, what=f"{'model.int8.onnx' if precision == 'int8' else 'model.onnx'} ({precision})",
+                         precision=precision, threads=threads, window=(h, w), float_layers=float_layers)
     try:
         x = np.zeros((1, 3, h, w), np.float32)
         out = np.empty((1, 3, h * scale, w * scale), np.float32)
@@ -67,7 +80,7 @@ def measure_bf16(onnx_fp32: bytes, val_pairs: list[tuple[np.ndarray, np.ndarray]
         raise ValueError("bf16 gating needs validation frames of one size")
     scores, seconds = {}, {}
     for precision in ("fp32", "bf16"):
-        outs, seconds[precision] = _run_frames(onnx_fp32, precision, lrs, scale, threads)
+        outs, seconds[precision] = run_frames(onnx_fp32, precision, lrs, scale, threads)
         scores[precision] = [psnr_y(quantize(sr), hr, scale) for sr, hr in zip(outs, hrs)]
     loss = float(np.mean(scores["fp32"]) - np.mean(scores["bf16"]))
     return dict(record, accepted=bool(loss <= budget_db), measured=True, native=native,

@@ -32,8 +32,12 @@ import numpy as np
 from vs_selftransfer.backend_base import check_args, check_input, onnx_member, parse_device
 
 DEVICES = ("cpu", "gpu")
-_HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}  # int8: QDQ layers run int8, the rest f32
+_HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}  # int8: QDQ layers int8, see FLOAT_LAYERS
 _CAPABILITY = {"bf16": "BF16", "fp16": "FP16"}
+# An int8 graph keeps a few layers in float (trainer/quantize.py). OpenVINO computes them at its precision hint:
+# bf16 makes the int8 graph about 1.4x faster again on a CPU with native bf16 (docs/benchmarks.md). It is used
+# only where fit measured the int8 graph with bf16 float layers within budget (manifest precision.int8.float_layers).
+FLOAT_LAYERS = ("fp32", "bf16")
 MISMATCH = "mismatches with OpenVINO Runtime library version"
 # A worker that has not answered the opening request in this long is reported as stuck (compiling CARN-M for a
 # 1080p window takes a few seconds).
@@ -144,17 +148,19 @@ class _Engine:
     """A compiled graph and its infer request, in this process."""
 
     def __init__(self, onnx: bytes, *, what: str, kind: str, index: int, precision: str, threads: int,
-                 window: tuple[int, int] | None):
+                 window: tuple[int, int] | None, float_layers: str = "fp32"):
         ov = import_openvino()
         core = ov.Core()
         target = _ov_device(kind, index)
         if kind != "cpu" and target not in core.available_devices:
             raise RuntimeError(f"OpenVINO sees no {target} device (it has {core.available_devices})")
-        if precision in _CAPABILITY:
+        hint = "bf16" if precision == "int8" and float_layers == "bf16" else precision
+        if hint in _CAPABILITY:
             caps = core.get_property(target, "OPTIMIZATION_CAPABILITIES")
-            if _CAPABILITY[precision] not in caps:
-                raise ValueError(f"precision {precision} needs a {target} that computes it natively "
-                                 f"({'AVX512_BF16 or AMX' if precision == 'bf16' else 'FP16 units'}); this one "
+            if _CAPABILITY[hint] not in caps:
+                what_needs = f"precision {precision}" + (" with bf16 float layers" if hint != precision else "")
+                raise ValueError(f"{what_needs} needs a {target} that computes {hint} natively "
+                                 f"({'AVX512_BF16 or AMX' if hint == 'bf16' else 'FP16 units'}); this one "
                                  f"offers {list(caps)}: use fp32")
         try:
             model = core.read_model(model=onnx)  # bytes: parsed as ONNX data, nothing executed
@@ -165,7 +171,7 @@ class _Engine:
         config = {
             "PERFORMANCE_HINT": "LATENCY",
             "NUM_STREAMS": 1,
-            "INFERENCE_PRECISION_HINT": _HINTS[precision],
+            "INFERENCE_PRECISION_HINT": _HINTS[hint],
         }
         if threads and kind == "cpu":
             config["INFERENCE_NUM_THREADS"] = threads
@@ -174,7 +180,7 @@ class _Engine:
         except Exception as e:  # noqa: BLE001
             raise RuntimeError(f"{what}: OpenVINO cannot compile it for {target}: {e}") from None
         self.actual = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
-        if self.actual != _HINTS[precision]:  # OpenVINO falls back silently; a bf16 run must really be bf16
+        if self.actual != _HINTS[hint]:  # OpenVINO falls back silently; a bf16 run must really be bf16
             raise ValueError(f"OpenVINO compiled precision {precision} as {self.actual} on this {target}: use fp32")
         self.target = target
         self.request = self.compiled.create_infer_request()
@@ -275,7 +281,7 @@ class _WorkerEngine:
     """The same engine in a worker process (see the module docstring); ``infer_into`` has the same contract."""
 
     def __init__(self, onnx: bytes, *, what: str, kind: str, index: int, precision: str, threads: int,
-                 window: tuple[int, int] | None, why: str):
+                 window: tuple[int, int] | None, why: str, float_layers: str = "fp32"):
         exe = _python_executable()
         if exe is None:
             raise RuntimeError(f"the ov backend cannot run here ({why}) and no Python executable was found to run "
@@ -304,7 +310,7 @@ class _WorkerEngine:
         parent.settimeout(WORKER_OPEN_TIMEOUT_S)
         try:
             _send(parent, {"onnx": onnx, "what": what, "kind": kind, "index": index, "precision": precision,
-                           "threads": threads, "window": window})
+                           "threads": threads, "window": window, "float_layers": float_layers})
             reply = _recv(parent)
         except (OSError, EOFError) as e:
             said = self._worker_output()
@@ -388,15 +394,31 @@ def worker_main(sock_fd: int, buffer_fd: int) -> None:
     engine.close()
 
 
+def int8_float_layers(manifest: dict, flags=None) -> str:
+    """What the int8 graph's float layers compute in here: bf16 where fit measured the graph so (manifest
+    ``precision.int8.float_layers``, inside the budget) and this CPU computes bf16 natively; else fp32, which is at
+    least as close to the fp32 network as what fit measured."""
+    from vs_selftransfer.backend_base import native_support
+
+    record = (manifest.get("precision") or {}).get("int8")
+    measured = record.get("float_layers") if isinstance(record, dict) else None
+    return "bf16" if measured == "bf16" and native_support("bf16", flags) is not None else "fp32"
+
+
 def open_engine(onnx: bytes, *, what: str = "model.onnx", device: str = "cpu", precision: str = "fp32",
-                threads: int = 0, window: tuple[int, int] | None = None):
+                threads: int = 0, window: tuple[int, int] | None = None, float_layers: str = "fp32"):
     """An engine for a graph given as bytes: in this process where OpenVINO loads here, else in a worker process.
     ``engine.infer_into(x, out)`` computes x (1, 3, h, w) float32 into ``out``; ``engine.close()`` ends it. The
     trainer measures precisions with it, so that what it measures is what the runtime will run."""
     kind, index = parse_device(device)
     if (reason := available(device)) is not None:
         raise RuntimeError(f"the ov backend cannot run on {device!r}: {reason}")
-    options = dict(what=what, kind=kind, index=index, precision=precision, threads=threads, window=window)
+    if float_layers not in FLOAT_LAYERS:
+        raise ValueError(f"float_layers must be one of {FLOAT_LAYERS}, not {float_layers!r}")
+    if float_layers != "fp32" and precision != "int8":
+        raise ValueError(f"float_layers applies to the int8 graph only, not to precision {precision}")
+    options = dict(what=what, kind=kind, index=index, precision=precision, threads=threads, window=window,
+                   float_layers=float_layers)
     why = in_process_unavailable()
     if why is None:
         return _Engine(onnx, **options)
@@ -412,14 +434,17 @@ class Backend:
         if (reason := available(device)) is not None:
             raise RuntimeError(f"the ov backend cannot run on {device!r}: {reason}")
         member = onnx_member(bundle, precision)
+        self.float_layers = int8_float_layers(bundle.manifest) if precision == "int8" and kind == "cpu" else "fp32"
         self.engine = open_engine(bundle.member(member), what=f"{bundle.path}: {member}", device=device,
-                                  precision=precision, threads=threads, window=self.window)
+                                  precision=precision, threads=threads, window=self.window,
+                                  float_layers=self.float_layers)
         self._lock = threading.Lock()  # an infer request is not reentrant; a backend per stream avoids waiting here
         self.scale = bundle.scale
         self.precision = precision
         self.device = device
         where = f"worker process {self.engine.pid}" if isinstance(self.engine, _WorkerEngine) else "in process"
-        self.description = (f"ov {self.engine.target} {precision} ({self.engine.actual}), {threads or 'all'} threads, "
+        computes = self.engine.actual + (" float layers" if precision == "int8" else "")
+        self.description = (f"ov {self.engine.target} {precision} ({computes}), {threads or 'all'} threads, "
                             f"window {self.window}, {where}")
 
     def __call__(self, x: np.ndarray) -> np.ndarray:

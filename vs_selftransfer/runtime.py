@@ -148,7 +148,8 @@ def precision_choice(bundle: Bundle, backend: str, device_kind: str, flags=None)
             refused.append(f"{name} not measured for this bundle")
             continue
         loss = record.get("loss_db")
-        loss_text = f"{loss:+.3f} dB" if isinstance(loss, (int, float)) else "unknown loss"
+        number = isinstance(loss, (int, float)) and not isinstance(loss, bool)
+        loss_text = f"{-loss:+.3f} dB" if number else "unknown loss"  # the change: a loss is a negative change
         if record.get("engine") != backend:
             refused.append(f"{name} measured on {record.get('engine')!r}, not {backend!r}")
             continue
@@ -156,7 +157,7 @@ def precision_choice(bundle: Bundle, backend: str, device_kind: str, flags=None)
             refused.append(f"{name} {record.get('reason', 'not measured')}")
             continue
         if record["accepted"] is not True:
-            refused.append(f"{name} lost {loss_text} on the held-out frames (budget {record.get('budget_db')} dB)")
+            refused.append(f"{name} lost {f'{loss:.3f} dB' if number else 'an unknown amount'} on the held-out frames (budget {record.get('budget_db')} dB)")
             continue
         if name == "int8" and not bundle.has("model.int8.onnx"):
             refused.append("int8 accepted but model.int8.onnx is missing")
@@ -174,6 +175,10 @@ def precision_choice(bundle: Bundle, backend: str, device_kind: str, flags=None)
             refused.append(f"{name} is not native on this CPU (no {'/'.join(NATIVE_FLAGS[name])})")
             continue
         how = f"native: {native}" if native else "measured faster than fp32"
+        if name == "int8" and backend == "ov":
+            from vs_selftransfer.backend_ov import int8_float_layers
+
+            how += f", float layers in {int8_float_layers(bundle.manifest, flags)}"
         usable.append((-speedup, order, name, f"{name}: {loss_text} vs fp32 on the video's held-out frames "
                                              f"(budget {record.get('budget_db')} dB), {how}"))
     if not usable:
