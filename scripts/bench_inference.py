@@ -164,6 +164,14 @@ def child(args) -> None:
     outs = np.empty((n, 3, h * args.scale, w * args.scale), np.uint8) if args.keep else None
     inproc = kw.pop("inproc", 0)
     picked = None
+    kept = {"s": 0.0, "cpu": 0.0}
+
+    def keep(i, planes) -> None:
+        """Keep output ``i`` for the dB column: the harness's work, taken out of the timed figures."""
+        t, c = time.perf_counter(), time.process_time()
+        outs[i] = np.round(np.clip(np.asarray(planes), 0, 1) * 255)  # a list of planes is stacked here
+        kept["s"] += time.perf_counter() - t
+        kept["cpu"] += time.process_time() - c
 
     if kind == "raw":  # the backend and the tiling function, no VapourSynth: what the bridge costs
         from vs_selftransfer import runtime
@@ -173,14 +181,11 @@ def child(args) -> None:
         for i in range(warm):
             up.process(0, i, list(frames[i]), list(dst))
         t0, c0 = time.perf_counter(), tree_cpu_seconds()
-        kept_s = kept_cpu = 0.0  # keeping the output for the dB column is the harness's work: not timed
         for i in range(n):
             up.process(0, warm + i, list(frames[warm + i]), list(dst))
             if outs is not None:
-                k0, kc = time.perf_counter(), time.process_time()
-                outs[i] = np.round(np.clip(dst, 0, 1) * 255)
-                kept_s, kept_cpu = kept_s + time.perf_counter() - k0, kept_cpu + time.process_time() - kc
-        elapsed, cpu_s = time.perf_counter() - t0 - kept_s, tree_cpu_seconds() - c0 - kept_cpu
+                keep(i, dst)
+        elapsed, cpu_s = time.perf_counter() - t0, tree_cpu_seconds() - c0
     else:
         if inproc:
             # Our OpenVINO first, then the core: vs-mlrt's core.ov then binds to the library already loaded.
@@ -212,13 +217,11 @@ def child(args) -> None:
             for f in out[:warm].frames(close=True):  # warm-up: sessions, engines, first-call allocations
                 pass
         t0, c0 = time.perf_counter(), tree_cpu_seconds()
-        kept_s = kept_cpu = 0.0
         for i, f in enumerate(out[warm:].frames(close=True)):
             if outs is not None:
-                k0, kc = time.perf_counter(), time.process_time()
-                outs[i] = np.round(np.clip(np.stack([np.asarray(f[p]) for p in range(3)]), 0, 1) * 255)
-                kept_s, kept_cpu = kept_s + time.perf_counter() - k0, kept_cpu + time.process_time() - kc
-        elapsed, cpu_s = time.perf_counter() - t0 - kept_s, tree_cpu_seconds() - c0 - kept_cpu
+                keep(i, [np.asarray(f[p]) for p in range(3)])
+        elapsed, cpu_s = time.perf_counter() - t0, tree_cpu_seconds() - c0
+    elapsed, cpu_s = elapsed - kept["s"], cpu_s - kept["cpu"]
     if outs is not None:
         np.save(args.keep, outs)
     own, workers = tree_peak_rss_mb()

@@ -130,6 +130,21 @@ def json_paths(node, max_depth: int = 8):
 
 
 # -- mutations -----------------------------------------------------------------------------------------------------
+def edit_bytes(rng, buf: bytearray, pos: int, op: str, *, insert_max: int, delete_max: int) -> bool:
+    """The byte edits both mutators share, applied to ``buf`` at ``pos``; False when ``op`` is not one of them."""
+    if op == "flip":
+        buf[pos] ^= rng.randint(1, 255)
+    elif op == "truncate":
+        del buf[pos:]
+    elif op == "insert":
+        buf[pos:pos] = os.urandom(rng.randint(1, insert_max))
+    elif op == "delete":
+        del buf[pos:pos + rng.randint(1, delete_max)]
+    else:
+        return False
+    return True
+
+
 def mutate_bytes(rng, original: bytes, regions) -> bytes:
     buf = bytearray(original)
     for _ in range(rng.randint(1, 4)):
@@ -139,15 +154,7 @@ def mutate_bytes(rng, original: bytes, regions) -> bytes:
         lo, hi = min(lo, len(buf) - 1), max(min(hi, len(buf)), min(lo, len(buf) - 1) + 1)
         pos = rng.randrange(lo, hi)
         op = rng.choice(["flip", "flip", "truncate", "insert", "delete", "magic"])
-        if op == "flip":
-            buf[pos] ^= rng.randint(1, 255)
-        elif op == "truncate":
-            del buf[pos:]
-        elif op == "insert":
-            buf[pos:pos] = os.urandom(rng.randint(1, 16))
-        elif op == "delete":
-            del buf[pos:pos + rng.randint(1, 64)]
-        else:
+        if not edit_bytes(rng, buf, pos, op, insert_max=16, delete_max=64):
             magic = rng.choice([b"\x00\x00\x00\x00", b"\xff\xff\xff\xff", b"\xff\xff", b"\x08\x00", b"\x0c\x00",
                                 b"\x0e\x00", b"\x01\x00", b"PK\x05\x06", b"PK\x06\x06", b"PK\x06\x07", b"PK\x01\x02"])
             buf[pos:pos + len(magic)] = magic
@@ -204,15 +211,7 @@ def mutate_member(rng, manifest: dict, members: dict) -> bytes:
         region = min(len(blob), 512) if rng.random() < 0.6 else len(blob)
         pos = rng.randrange(max(region, 1))
         op = rng.choice(["flip", "flip", "truncate", "insert", "delete", "nan"])
-        if op == "flip":
-            blob[pos] ^= rng.randint(1, 255)
-        elif op == "truncate":
-            del blob[pos:]
-        elif op == "insert":
-            blob[pos:pos] = os.urandom(rng.randint(1, 8))
-        elif op == "delete":
-            del blob[pos:pos + rng.randint(1, 32)]
-        else:  # a float32 NaN / inf / huge value inside the data
+        if not edit_bytes(rng, blob, pos, op, insert_max=8, delete_max=32):  # a float32 NaN / inf / huge value
             blob[pos:pos + 4] = rng.choice([b"\x00\x00\xc0\x7f", b"\x00\x00\x80\x7f", b"\xff\xff\x7f\x7f"])
     mutated = {**members, name: bytes(blob)}
     return zip_bytes(entries_of(rehash(manifest, mutated), mutated))

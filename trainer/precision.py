@@ -25,36 +25,57 @@ def run_frames(onnx: bytes, precision: str, frames: list[np.ndarray], scale: int
     """SR outputs (C, sH, sW) float32 of ``frames`` ((C, H, W) float32, one size) and the mean seconds per frame,
     computed the way the runtime's backend ``engine`` ("ov" or "ort") computes them: whole frames, the same engine
     and options (OpenVINO compiled for the frame's static shape, as the runtime compiles for its window)."""
+    h, w = frames[0].shape[1:]
+    x = np.zeros((1, 3, h, w), np.float32)
     if engine == "ort":
         from vs_selftransfer.backend_ort import make_session, session_runner
 
-        run = session_runner(make_session(onnx, threads=threads))
-        run(frames[0][None])  # the first call allocates the session's memory: not timed
-        outs, elapsed = [], 0.0
-        for img in frames:
-            t = time.perf_counter()
-            outs.append(np.asarray(run(img[None]), np.float32)[0])
-            elapsed += time.perf_counter() - t
-        return outs, elapsed / len(frames)
-    from vs_selftransfer.backend_ov import open_engine
+        compute, close = session_runner(make_session(onnx, threads=threads)), (lambda: None)
+    else:
+        from vs_selftransfer.backend_ov import open_engine
 
-    h, w = frames[0].shape[1:]
-    engine = open_engine(onnx, what=f"{'model.int8.onnx' if precision == 'int8' else 'model.onnx'} ({precision})",
-                         precision=precision, threads=threads, window=(h, w), float_layers=float_layers)
-    try:
-        x = np.zeros((1, 3, h, w), np.float32)
+        member = "model.int8.onnx" if precision == "int8" else "model.onnx"
+        opened = open_engine(onnx, what=f"{member} ({precision})", precision=precision, threads=threads,
+                             window=(h, w), float_layers=float_layers)
         out = np.empty((1, 3, h * scale, w * scale), np.float32)
-        engine.infer_into(x, out)  # the first call allocates the engine's memory: not timed
+
+        def compute(x):
+            opened.infer_into(x, out)
+            return out
+        close = opened.close
+    try:
+        compute(x)  # the first call allocates the engine's memory: not timed
         outs, elapsed = [], 0.0
         for img in frames:
             x[0] = img
             t = time.perf_counter()
-            engine.infer_into(x, out)
+            sr = compute(x)
             elapsed += time.perf_counter() - t
-            outs.append(out[0].copy())
+            outs.append(np.array(sr[0], np.float32))  # a copy: the ov engine reuses its output array
         return outs, elapsed / len(frames)
     finally:
-        engine.close()
+        close()
+
+
+def held_out(val_pairs: list[tuple[np.ndarray, np.ndarray]], what: str) -> tuple[list, list]:
+    """(LR inputs (C, H, W) float32, HR references (C, sH, sW) float64) of held-out (LR, HR) RGB uint8 HWC pairs,
+    which must be of one size (the engines are compiled for it)."""
+    lrs = [np.ascontiguousarray(lr.transpose(2, 0, 1), np.float32) / 255.0 for lr, _ in val_pairs]
+    hrs = [hr.transpose(2, 0, 1).astype(np.float64) / 255.0 for _, hr in val_pairs]
+    if len({x.shape for x in lrs}) != 1:
+        raise ValueError(f"{what} needs validation frames of one size")
+    return lrs, hrs
+
+
+def score_graph(onnx: bytes, precision: str, frames: tuple[list, list], scale: int, threads: int = 0, *,
+                engine: str = ENGINE, float_layers: str = "fp32") -> tuple[list[float], float]:
+    """Y-PSNR of each held-out frame (``held_out``'s pair of lists) computed by ``run_frames``, and its seconds per
+    frame."""
+    from selftransfer_trainer.metrics import psnr_y, quantize
+
+    lrs, hrs = frames
+    outs, seconds = run_frames(onnx, precision, lrs, scale, threads, engine=engine, float_layers=float_layers)
+    return [psnr_y(quantize(sr), hr, scale) for sr, hr in zip(outs, hrs)], seconds
 
 
 def measure_bf16(onnx_fp32: bytes, val_pairs: list[tuple[np.ndarray, np.ndarray]], scale: int, *,
@@ -63,7 +84,6 @@ def measure_bf16(onnx_fp32: bytes, val_pairs: list[tuple[np.ndarray, np.ndarray]
 
     Same fields as the int8 record (trainer/quantize.py): accepted, engine, budget_db, val_psnr_y_fp32,
     val_psnr_y_bf16, loss_db, worst_frame_loss_db, s_per_val_frame, plus the CPU feature that made bf16 native."""
-    from selftransfer_trainer.metrics import psnr_y, quantize
     from vs_selftransfer.backend_base import NATIVE_FLAGS, native_support
 
     budget_db = BUDGET_DB if budget_db is None else budget_db
@@ -74,14 +94,10 @@ def measure_bf16(onnx_fp32: bytes, val_pairs: list[tuple[np.ndarray, np.ndarray]
     if native is None:
         return dict(record, accepted=False, measured=False,
                     reason=f"not measured: the CPU fit ran on has no native bf16 ({'/'.join(NATIVE_FLAGS['bf16'])})")
-    lrs = [np.ascontiguousarray(lr.transpose(2, 0, 1), np.float32) / 255.0 for lr, _ in val_pairs]
-    hrs = [hr.transpose(2, 0, 1).astype(np.float64) / 255.0 for _, hr in val_pairs]
-    if len({x.shape for x in lrs}) != 1:
-        raise ValueError("bf16 gating needs validation frames of one size")
+    frames = held_out(val_pairs, "bf16 gating")
     scores, seconds = {}, {}
     for precision in ("fp32", "bf16"):
-        outs, seconds[precision] = run_frames(onnx_fp32, precision, lrs, scale, threads)
-        scores[precision] = [psnr_y(quantize(sr), hr, scale) for sr, hr in zip(outs, hrs)]
+        scores[precision], seconds[precision] = score_graph(onnx_fp32, precision, frames, scale, threads)
     loss = float(np.mean(scores["fp32"]) - np.mean(scores["bf16"]))
     return dict(record, accepted=bool(loss <= budget_db), measured=True, native=native,
                 val_psnr_y_fp32=float(np.mean(scores["fp32"])), val_psnr_y_bf16=float(np.mean(scores["bf16"])),

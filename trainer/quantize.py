@@ -100,8 +100,7 @@ def quantize_for_video(onnx_fp32: bytes, calib_lr: list[np.ndarray], val_pairs: 
     ``onnx_fp32`` was exported from), quantization-aware fine-tuning (selftransfer_trainer.qat, settings ``qat``, a
     QATConfig; default: QATConfig with this seed and thread count); without, post-training quantization
     (``ptq_graph``)."""
-    from selftransfer_trainer.metrics import psnr_y, quantize
-    from selftransfer_trainer.precision import run_frames
+    from selftransfer_trainer.precision import held_out, score_graph
     from vs_selftransfer.backend_base import native_support
 
     if not calib_lr or not val_pairs:
@@ -116,14 +115,10 @@ def quantize_for_video(onnx_fp32: bytes, calib_lr: list[np.ndarray], val_pairs: 
         data, calibration = qat_graph(model, pairs_path, calib_lr, qat or QATConfig(seed=seed, threads=threads))
     else:
         data, calibration = ptq_graph(onnx_fp32, calib_lr, seed)
-    lrs = [np.ascontiguousarray(lr.transpose(2, 0, 1), np.float32) / 255.0 for lr, _ in val_pairs]
-    hrs = [hr.transpose(2, 0, 1).astype(np.float64) / 255.0 for _, hr in val_pairs]
-    if len({x.shape for x in lrs}) != 1:
-        raise ValueError("int8 gating needs validation frames of one size")
+    frames = held_out(val_pairs, "int8 gating")
 
     def measure(graph: bytes, precision: str, float_layers: str = "fp32") -> tuple[list[float], float]:
-        outs, seconds = run_frames(graph, precision, lrs, scale, threads, engine=engine, float_layers=float_layers)
-        return [psnr_y(quantize(sr), hr, scale) for sr, hr in zip(outs, hrs)], seconds
+        return score_graph(graph, precision, frames, scale, threads, engine=engine, float_layers=float_layers)
 
     fp32_scores, fp32_s = measure(onnx_fp32, "fp32")
     # The int8 graph's float layers: fp32 everywhere, and bf16 too where this CPU computes it natively (OpenVINO
