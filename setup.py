@@ -121,6 +121,8 @@ setup(
         "tqdm>=4.66,<5",
         "matplotlib>=3.8,<4",
         "scikit-video>=1.1.11",
+        # VMAF (vmaf_v0.6.1) in every eval report; pure Python on PyTorch, its model embedded (runs offline).
+        "vmaf-torch>=1.1,<2",
         "vapoursynth-bestsource>=11",
     ],
     extras_require={

@@ -174,7 +174,8 @@ def report_dir(tmp_path_factory, clip_path, official_path, bundle_path):
 def _check_schema(r: dict) -> None:
     top = {"schema": str, "schema_version": int, "created": str, "selftransfer_version": str, "elapsed_s": float,
            "video": dict, "model": dict, "generic": dict, "protocol": dict, "frames": list, "flicker_pairs": list,
-           "summary": dict, "deployed": dict, "timing_s_per_frame": dict, "warnings": list, "verdict": dict,
+           "summary": dict, "deployed": dict, "vmaf": dict, "timing_s_per_frame": dict, "warnings": list,
+           "verdict": dict,
            "plots": dict}
     for key, typ in top.items():
         assert isinstance(r[key], typ), key
@@ -191,20 +192,22 @@ def _check_schema(r: dict) -> None:
     methods = p["methods"]
     assert methods[:3] == ["bicubic", "generic", "selftransfer"]
     for f in r["frames"]:
-        assert {"index", "time", "subset", "distance_s", "is_val", "metrics", "gain_psnr_y"} <= set(f)
+        assert {"index", "time", "subset", "distance_s", "is_val", "metrics", "gain_psnr_y", "gain_vmaf",
+                "vmaf_motion2"} <= set(f)
         assert f["subset"] in (NEAR, FAR)
         for m in methods:
-            assert set(f["metrics"][m]) == {"psnr_y", "ssim_y", "psnr_rgb"}
+            assert set(f["metrics"][m]) == {"psnr_y", "ssim_y", "psnr_rgb", "vmaf"}
     for pair in r["flicker_pairs"]:
         assert set(pair) == {"index", "subset", "flicker"} and set(pair["flicker"]) == set(methods)
     for subset in ("all", NEAR, FAR):
         s = r["summary"][subset]
         assert isinstance(s["frames"], int) and isinstance(s["pairs"], int)
         for m in methods:
-            for metric in ("psnr_y", "ssim_y", "psnr_rgb", "flicker"):
+            for metric in ("psnr_y", "ssim_y", "psnr_rgb", "vmaf", "flicker"):
                 assert set(s["methods"][m][metric]) == {"n", "mean", "median", "worst", "worst_frame", "n_infinite"}
         assert set(s["gain_over_generic"]) == set(methods) - {"generic"}
     assert r["deployed"]["status"] in ("ok", "skipped", "error")
+    assert r["vmaf"]["status"] == "ok" and r["vmaf"]["model"] == "vmaf_v0.6.1" and r["vmaf"]["package"] == "vmaf-torch"
     assert set(r["verdict"]) == {"selftransfer_beats_generic", "gain_psnr_y_mean", "gain_psnr_y_mean_near",
                                  "gain_psnr_y_mean_far", "text"}
     assert set(r["plots"]) == {"psnr_per_frame", "crops_largest_gain", "crops_smallest_gain"}
@@ -229,6 +232,9 @@ def test_end_to_end_report(report_dir, clip_path):
         # CARN-M beats bicubic on real footage (published: about +2 dB at x4 on natural images).
         assert m["generic"]["psnr_y"] > m["bicubic"]["psnr_y"] + 0.5
         assert 25 < m["bicubic"]["psnr_y"] < 60 and 0.7 < m["generic"]["ssim_y"] <= 1
+        # VMAF agrees at x4: CARN-M well above bicubic (whole 1280x720 frame, motion from the true neighbours).
+        assert m["generic"]["vmaf"] > m["bicubic"]["vmaf"] + 3 and 0 < m["bicubic"]["vmaf"] < 100
+        assert f["vmaf_motion2"] >= 0 and f["gain_vmaf"] == 0.0
     s = r["summary"]["all"]
     assert s["gain_over_generic"]["selftransfer"]["psnr_y_mean"] == 0.0
     assert s["methods"]["generic"]["flicker"]["mean"] > 0
@@ -238,6 +244,8 @@ def test_end_to_end_report(report_dir, clip_path):
     if r["deployed"]["status"] == "ok":
         assert r["deployed"]["agree"], r["deployed"]
         assert r["summary"]["all"]["methods"]["deployed"]["psnr_y"]["n"] == 4
+        for f in r["frames"]:
+            assert f["metrics"]["deployed"]["vmaf"] == pytest.approx(f["metrics"]["selftransfer"]["vmaf"], abs=0.05)
     # Plots: real PNG files that decode to images of a sensible size.
     for name in r["plots"].values():
         data = (report_dir / name).read_bytes()
@@ -245,7 +253,8 @@ def test_end_to_end_report(report_dir, clip_path):
         img = cv2.imread(str(report_dir / name))
         assert img is not None and img.shape[0] > 200 and img.shape[1] > 500
     md = (report_dir / "report.md").read_text()
-    for text in ("## Protocol", "### Near", "### Far", "Y-PSNR mean", "report.json schema", "psnr_per_frame.png"):
+    for text in ("## Protocol", "### Near", "### Far", "Y-PSNR mean", "VMAF mean", "report.json schema",
+                 "psnr_per_frame.png"):
         assert text in md
     assert not list(report_dir.parent.glob(".report.*"))  # no temp directory left behind
 

@@ -31,6 +31,7 @@ def test_round_trip(pairs_path, selection, clip_path):
     assert [p.name for p in pairs_path.parent.iterdir()] == ["pairs.h5"]  # no temporary file left
     with Pairs(pairs_path) as pairs:
         assert pairs.scale == 2 and pairs.degradation == {"method": "bicubic", "scale": 2}
+        assert pairs.target == {"kind": "frames"}
         assert pairs.train_indices == [f.index for f in selection.train]
         assert pairs.val_indices == [f.index for f in selection.val]
         assert pairs.train_times == pytest.approx([f.time for f in selection.train])
@@ -51,6 +52,36 @@ def test_x264_degradation_is_recorded(selection, tmp_path):
         assert pairs.degradation == {"method": "x264", "scale": 2, "crf": 30}
         lr, hr = pairs.train_pair(0)
         assert not np.array_equal(lr, degrade(hr, 2))
+
+
+def test_video_coding_and_teacher_targets(selection, clip_path, tmp_path):
+    """coding "video": each LR frame is its frame of a video of its neighbours coded at the CRF (not a lone-frame
+    encode); a teacher replaces the HR side with its output on the clean downscale, and the file says so."""
+    from selftransfer_trainer.degrade import imresize
+    from selftransfer_trainer.pairs import VIDEO_WINDOW, video_coded_lr
+
+    calls = []
+
+    def teacher(clean):
+        calls.append(clean)
+        return np.repeat(np.repeat(clean, 2, axis=0), 2, axis=1)  # nearest x2: easy to check
+
+    teacher.description = {"model": "nearest"}
+    write_pairs(tmp_path / "v.h5", selection, 2, "x264", crf=30, coding="video", teacher=teacher)
+    coded = video_coded_lr(clip_path, [selection.train[1].index], 2, 30)
+    with Pairs(tmp_path / "v.h5") as pairs:
+        assert pairs.degradation == {"method": "x264", "scale": 2, "crf": 30, "coding": "video",
+                                     "window": VIDEO_WINDOW}
+        assert pairs.target == {"kind": "teacher", "model": "nearest"}
+        lr, hr = pairs.train_pair(1)
+        clean = imresize(selection.train[1].image, 0.5)
+        assert np.array_equal(coded[selection.train[1].index][0], clean)
+        assert np.array_equal(lr, coded[selection.train[1].index][1])
+        assert not np.array_equal(lr, degrade(selection.train[1].image, 2, "x264", crf=30))
+        assert np.array_equal(hr, np.repeat(np.repeat(clean, 2, axis=0), 2, axis=1))
+    assert len(calls) == len(selection.train) + len(selection.val)
+    with pytest.raises(ValueError, match="coding"):
+        write_pairs(tmp_path / "b.h5", selection, 2, "bicubic", coding="video")
 
 
 def test_sampler_shapes_range_and_determinism(pairs_path):

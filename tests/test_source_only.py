@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from selftransfer_trainer.cli import main
-from selftransfer_trainer.fit import SOURCE_BLEND
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +52,7 @@ def test_source_estimate_from_the_bitstream(sources):
     assert set(coded.qp_by_frame_type) >= {"I", "P"} and 18 < coded.mean_qp < 32
     assert coded.qp_by_frame_type["I"] < coded.qp_by_frame_type.get("B", 99)
     crf = coded.degradation["crf"]
-    assert coded.degradation["method"] == "x264"
+    assert coded.degradation["method"] == "x264" and coded.degradation["coding"] == "video"
     # The chosen CRF is the trial whose quantiser is nearest the source's.
     assert abs(coded.trial_qp[crf] - coded.mean_qp) == min(abs(q - coded.mean_qp) for q in coded.trial_qp.values())
     assert abs(coded.trial_qp[crf] - coded.mean_qp) < 1.5
@@ -78,7 +77,7 @@ def test_negative_control_harmful_training_ships_generic(sources, clip_path, tmp
     m = _fit(sources["crf23"], tmp_path / "bad.stm", "--steps", "3", "--lr", "0.05")
     v = m["validation"]
     assert v["steps"] == 3 and v["selftransfer_psnr_y"] < v["generic_psnr_y"] - 1.0
-    assert v["shipped"] == "generic" and m["setting"]["ships"] == "generic" and m["setting"]["blend"] is None
+    assert v["shipped"] == "generic" and m["setting"]["ships"] == "generic"
     assert v["best_step"] == 0 and "generic" in v["message"]
     assert _eval(sources["crf23"], tmp_path / "bad.stm", clip_path, tmp_path / "rep", "--frames", "2") == 0
     r = json.loads((tmp_path / "rep" / "report.json").read_text())
@@ -95,20 +94,16 @@ def test_compressed_source_trains_on_its_matched_degradation(compressed_fit, sou
     path, m = compressed_fit
     s, v = m["setting"], m["validation"]
     assert s["kind"] == "source" and s["degradation_from"] == "estimated from the source"
-    assert m["degradation"] == {"method": "x264", "scale": 2, "crf": s["estimate"]["degradation"]["crf"]}
+    # The source's frames downscaled and coded as a video at the CRF matching its quantiser; the targets are the
+    # generic model's output on the clean downscale (the teacher), not the compressed frames.
+    assert m["degradation"] == {"method": "x264", "scale": 2, "crf": s["estimate"]["degradation"]["crf"],
+                                "coding": "video", "window": 32}
+    assert s["target"]["kind"] == "teacher" and s["target"]["model"] == "carn_m_official_x234.pth"
     assert v["steps"] == 4
-    # What ships follows the evidence: when a fine-tuned step beat generic on validation, the blend toward
-    # generic is validated too and ships only if it also beats generic; otherwise generic ships.
+    # What ships follows the validation: the best validated checkpoint when it beats generic, else generic.
     beats = v["selftransfer_psnr_y"] > v["generic_psnr_y"]
-    b = s["blend"]
-    assert (b is not None) == beats
-    if beats:
-        assert b["weight"] == SOURCE_BLEND
-        assert s["ships"] == ("selftransfer" if b["psnr_y"] > v["generic_psnr_y"] else "generic")
-    else:
-        assert s["ships"] == "generic"
-    assert v["shipped"] == s["ships"]
-    assert v["shipped_psnr_y"] == (b["psnr_y"] if s["ships"] == "selftransfer" else v["generic_psnr_y"])
+    assert s["ships"] == v["shipped"] == ("selftransfer" if beats else "generic")
+    assert v["shipped_psnr_y"] == (v["selftransfer_psnr_y"] if beats else v["generic_psnr_y"])
     if s["ships"] == "generic":
         assert v["best_step"] == 0
 
@@ -117,7 +112,7 @@ def test_info_says_the_setting(compressed_fit, capsys):
     path, m = compressed_fit
     assert main(["info", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "the source case" in out
+    assert "the source case" in out and "targets:     the initial weights' output on the frame's clean downscale" in out
 
 
 def test_eval_reference_scores_the_source_against_the_clip(compressed_fit, sources, clip_path, tmp_path):

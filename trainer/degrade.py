@@ -5,7 +5,9 @@
   way, so fine-tuning on the same degradation keeps the generic model's starting point meaningful.
 - ``cv2_cubic``: the seed's ``cv2.resize(INTER_CUBIC)``: 4 taps whatever the scale, so it aliases when shrinking.
 - ``x264``: ``bicubic`` then one encode/decode with libx264 at a given CRF (yuv420p), for low-resolution footage
-  that was also compressed. Each frame is encoded alone, so it gets intra-frame (I-frame) artifacts.
+  that was also compressed. ``degrade`` encodes each frame alone, so it gets intra-frame (I-frame) artifacts;
+  ``x264_video_roundtrip`` encodes a run of consecutive frames as a video (P- and B-frame artifacts too), which
+  ``trainer.pairs`` uses for a degradation with ``"coding": "video"``.
 
 HR frames are first cropped at the bottom/right to a multiple of the scale (``crop_to_scale``), so LR and HR
 align exactly (LR pixel (y, x) covers HR pixels [y*s, (y+1)*s) x [x*s, (x+1)*s)); at most scale-1 pixel rows
@@ -183,45 +185,76 @@ def _round_uint8(x: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------- x264
 
 def x264_roundtrip(lr: np.ndarray, crf: int = 23, with_qp: bool = False):
-    """Encode one RGB uint8 frame with libx264 (yuv420p, CRF ``crf``) and decode it back to RGB uint8.
-    ``with_qp``: return (rgb, mean QP over the frame's macroblocks) instead (``trainer.source`` matches a
-    source's quantiser with it).
+    """Encode one RGB uint8 frame alone with libx264 (yuv420p, CRF ``crf``) and decode it back to RGB uint8: an
+    intra-coded (I) frame. ``with_qp``: return (rgb, mean QP over the frame's macroblocks) instead
+    (``trainer.source`` matches a source's quantiser with it)."""
+    out = x264_video_roundtrip([lr], crf, with_qp)
+    return (out[0][0], out[1][0]) if with_qp else out[0]
 
-    yuv420p needs even sides: an odd row/column is replicated from the edge before encoding and cut off after,
-    so the output has the input's shape. RGB<->YUV uses BT.601 limited range both ways (the conversion itself
-    loses almost nothing; the codec does the degrading).
+
+def x264_video_roundtrip(frames: list[np.ndarray], crf: int = 23, with_qp: bool = False, fps: int = 25):
+    """Encode RGB uint8 frames of one shape as one libx264 video (yuv420p, CRF ``crf``, preset medium, x264's
+    default GOP: an I-frame, then P- and B-frames predicted from their neighbours) and decode it back: a list of
+    RGB uint8 frames, in order. ``with_qp``: return (frames, [mean QP per frame]) instead.
+
+    A video's P- and B-frames are coded at higher quantisers than a lone frame and carry inter-prediction
+    artifacts (smeared texture, drifting detail) that intra coding does not; a source that went through a video
+    encoder has mostly those (``trainer.source``). yuv420p needs even sides: an odd row/column is replicated from
+    the edge before encoding and cut off after, so the output has the input's shape. RGB<->YUV uses BT.601
+    limited range both ways, through the accurate swscale path every frame the project decodes takes
+    (``trainer.video.frame_to_rgb``): the conversion then loses almost nothing and adds no bias (swscale's default
+    inexact path made the decoded frames about a level darker), and the codec does the degrading.
     """
     import av
 
+    from selftransfer_trainer.video import frame_to_rgb, sws_flags
+
     if type(crf) is not int or not CRF_RANGE[0] <= crf <= CRF_RANGE[1]:
         raise ValueError(f"crf must be an integer in {CRF_RANGE[0]}..{CRF_RANGE[1]}, got {crf!r}")
-    h, w = lr.shape[:2]
-    padded = np.pad(lr, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
-    ph, pw = padded.shape[:2]
+    if not frames:
+        raise ValueError("x264_video_roundtrip needs at least one frame")
+    h, w = frames[0].shape[:2]
+    if any(f.shape != frames[0].shape for f in frames):
+        raise ValueError("x264_video_roundtrip needs frames of one shape")
     enc = av.CodecContext.create("libx264", "w")
-    enc.width, enc.height, enc.pix_fmt = pw, ph, "yuv420p"
-    enc.time_base = Fraction(1, 25)
-    # threads=1 keeps the bitstream identical from run to run (x264's frame threading is not bit-exact).
+    enc.width, enc.height, enc.pix_fmt = w + w % 2, h + h % 2, "yuv420p"
+    enc.time_base = Fraction(1, fps)
+    enc.framerate = Fraction(fps, 1)
+    # One thread (x264's frame threading is not bit-exact). A lone frame is then identical from run to run; a run
+    # of frames only nearly (x264's macroblock-tree rate control varies slightly between runs at some sizes, about
+    # 0.1 dB per frame; no-mbtree would make it exact, but sources are encoded with x264's defaults).
+    enc.thread_count, enc.thread_type = 1, "NONE"
     enc.options = {"crf": str(crf), "preset": "medium", "threads": "1"}
-    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(padded), format="rgb24")
-    yuv = frame.reformat(format="yuv420p", dst_colorspace="ITU601", dst_color_range="MPEG")
-    yuv.pts = 0
-    packets = list(enc.encode(yuv)) + list(enc.encode(None))
+    packets, sent = [], []
+    for n, lr in enumerate(frames):
+        padded = np.pad(lr, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(padded), format="rgb24")
+        yuv = frame.reformat(format="yuv420p", dst_colorspace="ITU601", dst_color_range="MPEG",
+                             interpolation=sws_flags())
+        yuv.pts = n
+        # Every sent frame (and the array it was made from) stays alive until the encoder is flushed: the encoder
+        # may still hold frames in its lookahead.
+        sent.append((padded, frame, yuv))
+        packets.extend(enc.encode(yuv))
+    packets.extend(enc.encode(None))
+    del sent
     dec = av.CodecContext.create("h264", "r")
+    # One decoding thread: with frame threading the exported quantiser tables of B-frames come out wrong.
+    dec.thread_count, dec.thread_type = 1, "NONE"
     if with_qp:
         dec.options = {"export_side_data": "venc_params"}
     decoded = []
     for packet in packets:
         decoded.extend(dec.decode(packet))
     decoded.extend(dec.decode(None))
-    if len(decoded) != 1:
-        raise RuntimeError(f"x264 round trip produced {len(decoded)} frames instead of 1")
-    rgb = decoded[0].reformat(format="rgb24", src_colorspace="ITU601", src_color_range="MPEG").to_ndarray()
-    rgb = np.ascontiguousarray(rgb[:h, :w])
+    if len(decoded) != len(frames):
+        raise RuntimeError(f"x264 round trip produced {len(decoded)} frames instead of {len(frames)}")
+    decoded.sort(key=lambda f: f.pts)
+    rgb = [np.ascontiguousarray(frame_to_rgb(f, "ITU601", 1)[:h, :w]) for f in decoded]
     if with_qp:
         from selftransfer_trainer.source import frame_qp
 
-        return rgb, frame_qp(decoded[0])
+        return rgb, [frame_qp(f) for f in decoded]
     return rgb
 
 

@@ -45,6 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames", type=int, default=24, help="test frames for eval (default 24)")
     parser.add_argument("--no-deployed", dest="deployed", action="store_false",
                         help="skip eval's check through core.selftransfer.Upscale")
+    parser.add_argument("--no-vmaf", dest="vmaf", action="store_false", help="eval without VMAF")
     parser.add_argument("--force", action="store_true", help="replace an earlier experiment in OUTPUT")
 
 
@@ -62,6 +63,10 @@ def run(args) -> int:
         raise UserError(f"--steps must be >= 0, not {args.steps}")
     if args.frames < 1:
         raise UserError(f"--frames must be at least 1, not {args.frames}")
+    if args.vmaf:
+        from selftransfer_trainer.vmaf import check_available
+
+        check_available()  # now, not after the fit
     out = Path(args.output)
     if out.exists():
         if not out.is_dir():
@@ -109,7 +114,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     o = evaluate.Options(video=str(source), model=str(out / BUNDLE_NAME), output=str(out / REPORT_NAME),
                          reference=str(reference), frames=args.frames, generic=args.generic,
-                         deployed=args.deployed, force=True, progress=sys.stderr.isatty())
+                         deployed=args.deployed, force=True, progress=sys.stderr.isatty(), vmaf=args.vmaf)
     report = evaluate.evaluate(o)
     t_eval = time.perf_counter() - t0
 

@@ -466,6 +466,9 @@ def describe(bundle: Bundle) -> str:
     setting = m.get("setting")
     if isinstance(setting, dict) and isinstance(setting.get("text"), str):
         lines.append(f"  setting:     {p(setting['text'])}")
+        target = setting.get("target")
+        if isinstance(target, dict) and target.get("kind") == "teacher":
+            lines.append(f"  targets:     {p(str(target.get('what', 'a teacher')))} ({p(str(target.get('model')))})")
     frames = m.get("frames")
     if isinstance(frames, dict) and frames:
         parts = [f"{k} {len(v)}" if isinstance(v, list) else f"{k} {v}" for k, v in frames.items()

@@ -5,8 +5,10 @@ Two settings, recorded in the manifest's ``setting`` block and shown by ``selftr
 * **source** (the default): VIDEO is what you hold and will upscale. Training pairs are VIDEO's frames (HR) and
   their synthetic degradation (LR), one octave below where the bundle will run. The degradation is estimated
   from VIDEO itself (``--degradation auto``, ``trainer.source``: codec and mean quantiser from the bitstream,
-  matched by trial x264 encodes), so the model learns to undo what this source went through. What ships is
-  decided by ``SOURCE_RULE`` below, from measurements against real references (docs/source_only.md).
+  matched by trial x264 video encodes), so the model learns to undo what this source went through; for a
+  compressed source the HR targets are the generic model's output on the frames' clean downscale
+  (``trainer.teacher``), not the compressed frames. What ships is decided by ``SOURCE_RULE`` below, from
+  measurements against real references (docs/source_only.md).
 * **delivery** (``--delivery``): VIDEO is the master; the bundle will upscale a smaller stream made from it
   (bicubic by default, ``--degradation x264 --crf N`` for a compressed stream). Validation on held-out frames
   of VIDEO measures exactly that use, so the best validated checkpoint ships when it beats generic.
@@ -42,11 +44,6 @@ WORK_MARKER = "fit.json"
 FRAMES_JSON = "frames.json"
 PAIRS_H5 = "pairs.h5"
 RUN_DIR = "run"
-# Source case, compressed source: the fine-tuned weights ship pulled toward generic, generic + SOURCE_BLEND x
-# (fine-tuned - generic). Measured against the real reference (docs/source_only.md): the full fine-tune lost
-# 0.34 dB, this blend gained on every frame; the source-scale validation prefers the full step on every run, so it
-# cannot choose the blend itself.
-SOURCE_BLEND = 0.3
 WORK_FORMAT = "selftransfer-fit-work"
 INT8_CALIB_FRAMES = 8  # spread over the training frames: enough for MinMax ranges, and quick
 
@@ -61,9 +58,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "made from it. Default: the source case, you will upscale VIDEO itself")
     parser.add_argument("--degradation", default="auto", choices=("auto",) + DEGRADATIONS,
                         help="how LR training inputs are made: auto (default: in the source case, estimated from "
-                             "VIDEO's bitstream: bicubic for a lossless source, bicubic then x264 at the CRF that "
-                             "matches its quantiser for a compressed one; bicubic in the delivery case), bicubic "
-                             "(MATLAB imresize), cv2_cubic, or x264 (bicubic then an x264 encode at --crf)")
+                             "VIDEO's bitstream: bicubic for a lossless source; for a compressed one, bicubic then "
+                             "x264 coded as a video at the CRF that matches its quantiser, with the generic model's "
+                             "output on the clean downscale as targets; bicubic in the delivery case), bicubic "
+                             "(MATLAB imresize), cv2_cubic, or x264 (bicubic then an x264 encode of each frame "
+                             "alone at --crf; targets: the frames)")
     parser.add_argument("--crf", type=int, default=None, help="x264 CRF for --degradation x264 (0..51, default 23)")
     parser.add_argument("--frames", type=int, default=24, help="training frames to pick (default 24)")
     parser.add_argument("--val-frames", type=int, default=4,
@@ -114,12 +113,17 @@ def run(args) -> int:
     setting = "delivery" if args.delivery else "source"
     estimate = None
     degradation, crf = args.degradation, (args.crf if args.crf is not None else 23)
+    coding, teacher = "frame", False
     if degradation == "auto" and setting == "source":
         from selftransfer_trainer.source import estimate_source
 
         estimate = estimate_source(info.path, args.scale)
         degradation, crf = estimate.degradation["method"], estimate.degradation.get("crf", 23)
-        say(f"source: {estimate.how}")
+        coding = estimate.degradation.get("coding", "frame")
+        # A compressed source's own frames carry its compression: the targets come from the teacher instead.
+        teacher = not estimate.lossless
+        say(f"source: {estimate.how}" + ("; targets: the generic model's output on the clean downscale"
+                                           if teacher else ""))
     elif degradation == "auto":
         degradation = "bicubic"
     timings["probe_s"] = time.perf_counter() - t_start
@@ -130,7 +134,7 @@ def run(args) -> int:
         "format": WORK_FORMAT,
         "video": {"path": info.path, "size": Path(info.path).stat().st_size, "sha256": info.sha256},
         "scale": args.scale, "setting": setting, "degradation": degradation,
-        "crf": crf if degradation == "x264" else None,
+        "crf": crf if degradation == "x264" else None, "coding": coding, "teacher": teacher,
         "frames": args.frames, "val_frames": args.val_frames, "seed": args.seed, "init": args.init,
     }
     created_work = not work.exists()
@@ -165,7 +169,14 @@ def run(args) -> int:
         selection = select_frames(info.path, target=args.frames, val=args.val_frames, seed=args.seed)
         say(summary(selection))
         atomic_write(work / FRAMES_JSON, (json.dumps(selection.to_json(), indent=1) + "\n").encode())
-        write_pairs(pairs_path, selection, args.scale, degradation, crf)
+        teach = None
+        if teacher:
+            from selftransfer_trainer.teacher import GenericTeacher
+            from selftransfer_trainer.train import model_config, resolve_threads
+
+            teach = GenericTeacher(model_config(cfg, args.scale), init_desc["path"], init_desc["name"],
+                                   init_desc["sha256"], resolve_threads(cfg.threads))
+        write_pairs(pairs_path, selection, args.scale, degradation, crf, coding=coding, teacher=teach)
         del selection  # the decoded frames: the pairs file has what training needs
     timings["frames_pairs_s"] = time.perf_counter() - t
 
@@ -197,6 +208,7 @@ def run(args) -> int:
             "selection": dict(pairs.selection),
         }
         degradation = dict(pairs.degradation)
+        target = dict(pairs.target)
         # The held-out (LR, HR) frames on which export measures what bf16 (and int8) would cost for this video:
         # the runtime's precision="auto" uses a lower precision only where that measurement accepted it.
         val_pairs = [pairs.val_pair(i) for i in range(len(pairs.val_indices))]
@@ -213,20 +225,12 @@ def run(args) -> int:
                         horizon=result.horizon, device=result.device, precision=result.precision,
                         threads=result.threads)
     validation = result.validation()
-    blend = None
-    if estimate is not None and not estimate.lossless and result.shipped == "selftransfer":
-        blend = blend_toward_generic(result, init_desc["path"], pairs_path, cfg)
-        say(f"source: shipping generic + {SOURCE_BLEND} x (fine-tuned - generic): validation {blend['psnr_y']:.3f} dB "
-            f"(generic {validation['generic_psnr_y']:.3f}, full fine-tune {validation['shipped_psnr_y']:.3f})")
-    setting_block = setting_evidence(setting, estimate, validation, args.degradation, blend)
+    setting_block = setting_evidence(setting, estimate, validation, args.degradation, target)
     if setting_block["ships"] == "generic" and result.shipped != "generic":  # the rule overrides validation
         from selftransfer_trainer.weights import initial_model
 
         result.model = initial_model(result.model_config, init_desc["path"])
         validation.update(shipped="generic", shipped_psnr_y=validation["generic_psnr_y"], best_step=0)
-    elif setting_block["ships"] == "selftransfer" and blend is not None:
-        result.model = blend["model"]
-        validation.update(shipped_psnr_y=blend["psnr_y"], message=f"shipping {setting_block['why']}")
     if setting_block["why"] != validation["message"] and setting_block["ships"] == "generic":
         validation["message"] = f"shipping the generic weights: {setting_block['why']}"
     extra = {
@@ -260,13 +264,13 @@ SETTING_TEXT = {
 SOURCE_RULE = (
     "source case: a lossless source ships the generic weights (its only degradation is the bicubic downscale the "
     "generic model was trained for; measured against real references, gains at the source's scale did not carry "
-    "an octave up: docs/source_only.md); a compressed source learns its matched x264 degradation, and when the "
-    "best validated checkpoint beats generic on the held-out frames, ships it blended toward generic "
-    "(SOURCE_BLEND) if the blend beats generic on them too; otherwise generic ships")
+    "an octave up: docs/source_only.md); a compressed source learns to map its frames' downscale, x264-coded as a "
+    "video at the CRF that matches its quantiser, to the generic model's output on the clean downscale (the "
+    "teacher), and ships the best validated checkpoint when it beats generic on the held-out frames; otherwise "
+    "generic ships")
 
 
-def source_rule(estimate, validation: dict, asked_degradation: str, blend: dict | None = None
-                ) -> tuple[str, str, str]:
+def source_rule(estimate, validation: dict, asked_degradation: str) -> tuple[str, str, str]:
     """(what ships, why, the rule) in the source case; see SOURCE_RULE."""
     if estimate is None:  # a degradation given by hand: the user's recipe, judged by its validation
         return validation["shipped"], validation["message"], ("source case, degradation given by hand "
@@ -274,55 +278,22 @@ def source_rule(estimate, validation: dict, asked_degradation: str, blend: dict 
     if estimate.lossless:
         return "generic", ("the source is lossless, so the generic model already matches its degradation, and "
                            "fine-tuning on it did not beat generic at the true scale in our measurements"), SOURCE_RULE
-    if blend is not None:
-        if blend["psnr_y"] <= validation["generic_psnr_y"]:
-            return "generic", (f"the blend toward generic does not beat generic on validation ({blend['psnr_y']:.3f} "
-                               f"vs {validation['generic_psnr_y']:.3f} dB)"), SOURCE_RULE
-        return "selftransfer", (f"step {validation['best_step']} blended toward generic (weight {blend['weight']}): "
-                                f"{blend['psnr_y']:.3f} dB vs generic {validation['generic_psnr_y']:.3f} dB on "
-                                f"validation (the full fine-tune: {validation['shipped_psnr_y']:.3f} dB)"), SOURCE_RULE
     return validation["shipped"], validation["message"], SOURCE_RULE
 
 
-def blend_toward_generic(result, init_path: str, pairs_path: Path, cfg) -> dict:
-    """generic + SOURCE_BLEND x (fine-tuned - generic), validated on the held-out frames like every checkpoint."""
-    import torch
-
-    from selftransfer_trainer.pairs import Pairs
-    from selftransfer_trainer.train import resolve_device, resolve_threads
-    from selftransfer_trainer.validate import Validator
-    from selftransfer_trainer.weights import initial_model
-
-    generic = initial_model(result.model_config, init_path).state_dict()
-    tuned = result.model.state_dict()
-    model = initial_model(result.model_config, init_path)
-    with torch.no_grad():
-        model.load_state_dict({k: g + SOURCE_BLEND * (tuned[k] - g) if g.is_floating_point() else tuned[k]
-                               for k, g in generic.items()})
-    model.eval()
-    with Pairs(pairs_path) as pairs:
-        validate = Validator([pairs.val_pair(i) for i in range(len(pairs.val_indices))], result.model_config.scale,
-                             model, resolve_device(cfg.device), backend=cfg.val_backend,
-                             threads=resolve_threads(cfg.threads), channels_last=cfg.channels_last,
-                             tile=cfg.val_tile, overlap=cfg.val_overlap)
-    psnr = validate(model)
-    return {"weight": SOURCE_BLEND, "psnr_y": psnr, "model": model,
-            "what": "generic + weight x (fine-tuned - generic), weight fixed from measurements against a reference"}
-
-
-def setting_evidence(setting: str, estimate, validation: dict, asked_degradation: str, blend=None) -> dict:
-    """The manifest's ``setting`` block: which case the bundle is for, what the source went through, what
-    ships and why (``SOURCE_RULE``)."""
+def setting_evidence(setting: str, estimate, validation: dict, asked_degradation: str, target: dict) -> dict:
+    """The manifest's ``setting`` block: which case the bundle is for, what the source went through, what the
+    training targets were, what ships and why (``SOURCE_RULE``)."""
     block = {"kind": setting, "text": SETTING_TEXT[setting],
              "degradation_from": ("estimated from the source" if estimate is not None else
                                   "default of the delivery case" if asked_degradation == "auto" else "given"),
              "estimate": estimate.to_dict() if estimate is not None else None,
+             "target": target,
              "finetuned_validation_gain_db": (validation["shipped_psnr_y"] - validation["generic_psnr_y"]
-                                              if validation["shipped"] == "selftransfer" else None),
-             "blend": None if blend is None else {k: v for k, v in blend.items() if k != "model"}}
+                                              if validation["shipped"] == "selftransfer" else None)}
     ships, why = validation["shipped"], validation["message"]
     if setting == "source":
-        ships, why, rule = source_rule(estimate, validation, asked_degradation, blend)
+        ships, why, rule = source_rule(estimate, validation, asked_degradation)
         block["rule"] = rule
     block.update(ships=ships, why=why)
     return block
@@ -364,7 +335,7 @@ def read_marker(path: Path):
 def pairs_usable(path: Path, spec: dict) -> bool:
     """A complete pairs file from this video with this scale and degradation (pairs files are written atomically,
     so an existing one is complete unless damaged afterwards)."""
-    from selftransfer_trainer.pairs import Pairs
+    from selftransfer_trainer.pairs import VIDEO_WINDOW, Pairs
 
     if not path.is_file():
         return False
@@ -373,7 +344,10 @@ def pairs_usable(path: Path, spec: dict) -> bool:
             want = {"method": spec["degradation"], "scale": spec["scale"]}
             if spec["degradation"] == "x264":
                 want["crf"] = spec["crf"]
+            if spec["coding"] == "video":
+                want.update(coding="video", window=VIDEO_WINDOW)
             return (pairs.scale == spec["scale"] and pairs.degradation == want
+                    and (pairs.target["kind"] == "teacher") == spec["teacher"]
                     and pairs.source["sha256"] == spec["video"]["sha256"]
                     and len(pairs.val_indices) == spec["val_frames"] and len(pairs.train_indices) > 0)
     except (UserError, OSError, KeyError, ValueError):

@@ -2,12 +2,14 @@
 
 File layout::
 
-    /HR/train/<index>   uint8 (H, W, 3) RGB frame, cropped to a multiple of the scale
+    /HR/train/<index>   uint8 (H, W, 3) RGB frame, cropped to a multiple of the scale (or, with a teacher, the
+                        teacher's output on the frame's clean downscale: attribute ``target``)
     /LR/train/<index>   uint8 (H/scale, W/scale, 3) its degraded low-resolution version
     /HR/val/<index>, /LR/val/<index>   the same for the held-out validation frames
     attributes (root): format, version, scale, degradation (JSON), source_name, source_sha256, source_frames,
         source_width, source_height, source_fps, train_indices, val_indices, train_times, val_times,
-        train_kinds, val_kinds (JSON), selection (JSON: the frame-selection parameters)
+        train_kinds, val_kinds (JSON), selection (JSON: the frame-selection parameters), target (JSON: what the HR
+        side is, {"kind": "frames"} or {"kind": "teacher", ...})
 
 ``<index>`` is the frame's index in the video. The file is written to a temporary name, fsynced and renamed
 (``vs_selftransfer.files.atomic_path``), so a pairs file that exists is complete.
@@ -25,16 +27,46 @@ import numpy as np
 
 from vs_selftransfer.errors import UserError
 from vs_selftransfer.files import atomic_path
-from selftransfer_trainer.degrade import CRF_RANGE, DEGRADATIONS, crop_to_scale, degrade
+from selftransfer_trainer.degrade import CRF_RANGE, DEGRADATIONS, crop_to_scale, degrade, imresize
 
 FORMAT = "selftransfer-pairs"
 VERSION = 1
 SCALES = (2, 3, 4)
+CODINGS = ("frame", "video")
+# Frames encoded around each frame for coding "video": x264's lookahead at preset medium is 40 frames, and with half
+# the window before it a frame is coded as P or B, as most of a video's frames are (an I-frame at a scene cut, as in
+# the source).
+VIDEO_WINDOW = 32
+
+
+def video_coded_lr(path: str | os.PathLike, indices: list[int], scale: int, crf: int,
+                   window: int = VIDEO_WINDOW) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """{index: (clean LR, coded LR)} for frames of the video at ``path``: the ``window`` frames around each (cropped
+    to the scale, MATLAB-bicubic downscaled) encoded as one x264 video at ``crf`` and decoded; clean LR is that
+    frame before the encode. The degradation ``{"method": "x264", "coding": "video"}``."""
+    from selftransfer_trainer.degrade import x264_video_roundtrip
+    from selftransfer_trainer.video import read_frames
+    from vs_selftransfer.probe import probe
+
+    n = probe(path).frames
+    out = {}
+    for i in indices:
+        start = max(0, min(i - window // 2, n - window))
+        run = [imresize(crop_to_scale(rgb, scale), 1.0 / scale)
+               for _, _, rgb in read_frames(path, range(start, min(n, start + window)))]
+        coded = x264_video_roundtrip(run, crf)
+        out[i] = (run[i - start], coded[i - start])
+    return out
 
 
 def write_pairs(h5_path: str | os.PathLike, selection, scale: int, degradation: str = "bicubic",
-                crf: int = 23) -> Path:
-    """Degrade every selected frame (``trainer.keyframes.FrameSelection``) and store HR/LR pairs atomically."""
+                crf: int = 23, coding: str = "frame", teacher=None) -> Path:
+    """Degrade every selected frame (``trainer.keyframes.FrameSelection``) and store HR/LR pairs atomically.
+
+    ``coding="video"`` (x264 only): each LR frame is coded as part of a video of its neighbours
+    (``video_coded_lr``) rather than alone. ``teacher``: a callable mapping a clean LR frame (uint8 HWC) to an HR
+    target of ``scale`` times its size; when given, the HR of each pair is the teacher's output on the frame's
+    clean downscale instead of the frame itself (attribute ``target``)."""
     import h5py
 
     if type(scale) is not int or scale not in SCALES:
@@ -43,6 +75,8 @@ def write_pairs(h5_path: str | os.PathLike, selection, scale: int, degradation: 
         raise ValueError(f"degradation must be one of {DEGRADATIONS}, got {degradation!r}")
     if type(crf) is not int or not CRF_RANGE[0] <= crf <= CRF_RANGE[1]:
         raise ValueError(f"crf must be an integer in {CRF_RANGE[0]}..{CRF_RANGE[1]}, got {crf!r}")
+    if coding not in CODINGS or (coding == "video" and degradation != "x264"):
+        raise ValueError(f"coding must be one of {CODINGS} ('video' only with x264), got {coding!r}")
     if not selection.train:
         raise ValueError("the selection has no training frames")
     for f in selection.train + selection.val:
@@ -55,6 +89,11 @@ def write_pairs(h5_path: str | os.PathLike, selection, scale: int, degradation: 
     described = {"method": degradation, "scale": scale}
     if degradation == "x264":
         described["crf"] = crf
+    if coding == "video":
+        described.update(coding="video", window=VIDEO_WINDOW)
+    coded = {}
+    if coding == "video":
+        coded = video_coded_lr(info.path, [f.index for f in selection.train + selection.val], scale, crf)
     path = Path(h5_path)
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
         for split, frames in (("train", selection.train), ("val", selection.val)):
@@ -62,12 +101,22 @@ def write_pairs(h5_path: str | os.PathLike, selection, scale: int, degradation: 
             lr_group = h5.require_group(f"LR/{split}")
             for f in frames:
                 hr = crop_to_scale(f.image, scale)
-                lr = degrade(hr, scale, degradation, crf)
+                if coding == "video":
+                    clean, lr = coded[f.index]
+                else:
+                    lr = degrade(hr, scale, degradation, crf)
+                    clean = imresize(hr, 1.0 / scale) if teacher is not None else None
+                if teacher is not None:
+                    hr = teacher(clean)
+                    if hr.shape != (lr.shape[0] * scale, lr.shape[1] * scale, 3) or hr.dtype != np.uint8:
+                        raise ValueError(f"the teacher returned {hr.dtype} {hr.shape} for a {lr.shape} LR frame")
                 hr_group.create_dataset(str(f.index), data=hr)
                 lr_group.create_dataset(str(f.index), data=lr)
         a = h5.attrs
         a["format"], a["version"], a["scale"] = FORMAT, VERSION, scale
         a["degradation"] = json.dumps(described)
+        a["target"] = json.dumps({"kind": "frames"} if teacher is None else
+                                 {"kind": "teacher", **getattr(teacher, "description", {})})
         a["source_name"] = Path(info.path).name
         a["source_sha256"] = info.sha256
         a["source_frames"], a["source_fps"] = info.frames, info.fps
@@ -103,6 +152,7 @@ class Pairs:
                             f"{VERSION}); run 'selftransfer pairs' again")
         self.scale = int(a["scale"])
         self.degradation = json.loads(a["degradation"])
+        self.target = json.loads(a.get("target", '{"kind": "frames"}'))
         self.train_indices = [int(i) for i in a["train_indices"]]
         self.val_indices = [int(i) for i in a["val_indices"]]
         self.train_times = [float(t) for t in a["train_times"]]

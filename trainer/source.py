@@ -5,10 +5,11 @@ synthesize low-resolution training inputs the same way (the model then learns to
   ``AV_FRAME_DATA_VIDEO_ENC_PARAMS``, read through PyAV) for H.264 (and the other codecs FFmpeg exports it for);
   the source's quantiser is the mean QP over the macroblocks of the sampled frames. Intra-only lossless codecs
   (FFV1, Ut Video, PNG, raw...) and an H.264 stream at QP 0 are lossless.
-- **Matching the synthetic degradation to it, by trial encodes.** The x264 degradation (``trainer.degrade``)
-  encodes each LR frame alone at a CRF; for each candidate CRF, a few of the source's frames, downscaled as
-  training inputs are, are encoded and their mean QP read back the same way; the CRF whose QP is nearest the
-  source's is the estimate. Matching the quantiser (the step size of the coefficient rounding, i.e. how much
+- **Matching the synthetic degradation to it, by trial encodes.** The source case's x264 degradation codes each LR
+  frame as part of a video of its neighbours (``trainer.pairs.video_coded_lr``: I-, P- and B-frames, like the
+  source); for each candidate CRF, a run of the source's consecutive frames, downscaled as training inputs are, is
+  encoded as a video and its mean QP read back the same way; the CRF whose QP is nearest the source's is the
+  estimate. Matching the quantiser (the step size of the coefficient rounding, i.e. how much
   detail was thrown away) rather than the CRF number makes the estimate independent of the encoder's rate
   control and frame types.
 - Only H.264 quantisers are on x264's QP scale. A lossy stream of another codec (whose quantiser scale differs:
@@ -26,7 +27,7 @@ LOSSLESS_CODECS = frozenset({"ffv1", "ffvhuff", "huffyuv", "utvideo", "magicyuv"
                              "v210", "v410", "r210", "qtrle", "zlib", "lagarith", "flashsv", "tiff", "bmp"})
 QP_LIKE_X264 = frozenset({"h264"})  # decoders whose exported QP is on x264's scale (0..51)
 SAMPLE_FRAMES = 24  # frames whose quantiser tables are read (spread over the video)
-TRIAL_FRAMES = 4  # frames encoded per candidate CRF
+TRIAL_FRAMES = 32  # consecutive frames, from the middle of the video, encoded as one video per candidate CRF
 TRIAL_CRFS = tuple(range(14, 43))
 DEFAULT_CRF = 23
 
@@ -92,10 +93,11 @@ def stream_qp(path: str | os.PathLike, count: int = SAMPLE_FRAMES) -> tuple[str,
 
 
 def x264_trial_qp(frames: list[np.ndarray], crf: int) -> float:
-    """Mean QP x264 uses on ``frames`` (LR RGB uint8) encoded alone at ``crf``, as the x264 degradation does."""
-    from selftransfer_trainer.degrade import x264_roundtrip
+    """Mean QP x264 uses on ``frames`` (consecutive LR RGB uint8 frames) encoded as one video at ``crf``, as the
+    x264 degradation with ``"coding": "video"`` does."""
+    from selftransfer_trainer.degrade import x264_video_roundtrip
 
-    return float(np.mean([x264_roundtrip(f, crf, with_qp=True)[1] for f in frames]))
+    return float(np.mean(x264_video_roundtrip(frames, crf, with_qp=True)[1]))
 
 
 def match_crf(frames: list[np.ndarray], target_qp: float) -> tuple[int, dict[int, float]]:
@@ -123,7 +125,7 @@ def match_crf(frames: list[np.ndarray], target_qp: float) -> tuple[int, dict[int
 def estimate_source(path: str | os.PathLike, scale: int) -> SourceEstimate:
     """Estimate the degradation of the video at ``path`` and the matching synthetic one for training at
     ``scale`` (see the module docstring)."""
-    from selftransfer_trainer.degrade import imresize
+    from selftransfer_trainer.degrade import crop_to_scale, imresize
     from selftransfer_trainer.video import read_frames
     from vs_selftransfer.probe import probe
 
@@ -140,20 +142,21 @@ def estimate_source(path: str | os.PathLike, scale: int) -> SourceEstimate:
                    " is lossless: training inputs are the frames downscaled (MATLAB bicubic), nothing more")
         return est
     if mean_qp is None or codec not in QP_LIKE_X264:
-        est.degradation = {"method": "x264", "scale": scale, "crf": DEFAULT_CRF}
+        est.degradation = {"method": "x264", "scale": scale, "crf": DEFAULT_CRF, "coding": "video"}
         why = ("exports no quantiser table" if mean_qp is None else
                f"has a quantiser (mean {mean_qp:.1f}) on another scale than x264's")
         est.how = (f"the {codec} stream {why}, so the source's compression cannot be matched; training inputs "
-                   f"are downscaled and x264-encoded at the default CRF {DEFAULT_CRF}")
+                   f"are downscaled and x264-encoded as a video at the default CRF {DEFAULT_CRF}")
         return est
     info = probe(path)
-    picks = np.linspace(0, info.frames - 1, TRIAL_FRAMES).round().astype(int).tolist()
-    lr = [imresize(rgb, 1.0 / scale) for _, _, rgb in read_frames(path, picks)]
+    start = max(0, (info.frames - TRIAL_FRAMES) // 2)
+    run = range(start, min(info.frames, start + TRIAL_FRAMES))
+    lr = [imresize(crop_to_scale(rgb, scale), 1.0 / scale) for _, _, rgb in read_frames(path, run)]
     crf, tried = match_crf(lr, mean_qp)
-    est.degradation = {"method": "x264", "scale": scale, "crf": crf}
+    est.degradation = {"method": "x264", "scale": scale, "crf": crf, "coding": "video"}
     est.trial_qp = dict(sorted(tried.items()))
     est.how = (f"{codec} stream, mean QP {mean_qp:.1f} over {measured} frames "
                f"({', '.join(f'{t} {q:.1f}' for t, q in per_type.items())}); x264 at CRF {crf} gives QP "
-               f"{tried[crf]:.1f} on the downscaled frames: training inputs are downscaled and x264-encoded at "
-               f"CRF {crf}")
+               f"{tried[crf]:.1f} on {len(lr)} downscaled frames coded as a video: training inputs are downscaled "
+               f"and x264-encoded as a video at CRF {crf}")
     return est

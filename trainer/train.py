@@ -337,6 +337,11 @@ def due_validation(step: int, sched: Schedule, cfg: TrainConfig, validated_quart
 
 # -- device and precision ------------------------------------------------------------------------------------------
 
+def model_config(cfg: TrainConfig, scale: int) -> ModelConfig:
+    """The network a run with ``cfg`` trains at ``scale`` (CARN-M's grouped convolutions, as the official one)."""
+    return ModelConfig(arch=cfg.arch, scale=scale, group=4 if cfg.arch == "carn_m" else 1)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -524,7 +529,7 @@ def train(pairs_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: TrainC
         raise UserError(f"{ckpt_path} was made with other settings ({'; '.join(diff)}); resume with the same "
                         f"settings, or start over without {flag('resume')}")
     scale = pairs.scale
-    mcfg = ModelConfig(arch=cfg.arch, scale=scale, group=4 if cfg.arch == "carn_m" else 1)
+    mcfg = model_config(cfg, scale)
 
     # Device, precision, threads.
     device = resolve_device(cfg.device)

@@ -144,25 +144,38 @@ def _frame_time(frame, index: int, info: VideoInfo) -> float:
     return float(t)
 
 
+# Accurate rounding and full chroma interpolation (swscale's default bilinear, inexact path differs from zimg by ~1.4
+# levels on average, up to 80 at colour edges): the RGB frames are the ground truth the model learns, and the x264
+# degradation converts its frames both ways with the same flags, so training inputs are not a level darker than
+# what the source's own frames decode to.
+def sws_flags():
+    from av.video.reformatter import Interpolation
+
+    return Interpolation.BICUBIC | Interpolation.ACCURATE_RND | Interpolation.FULL_CHR_H_INT
+
+
+def frame_to_rgb(frame, matrix, color_range: int | None) -> np.ndarray:
+    """A decoded YUV (or RGB) frame -> RGB uint8 (H, W, 3) with ``matrix`` (a PyAV Colorspace) and the frame's
+    range (1 limited, 2 full, else the format's default), converted as every frame the project reads is."""
+    from av.video.reformatter import ColorRange
+
+    return frame.reformat(format="rgb24", src_colorspace=matrix, interpolation=sws_flags(),
+                          src_color_range=ColorRange(color_range) if color_range in (1, 2) else None,
+                          dst_color_range=ColorRange.JPEG).to_ndarray()
+
+
 def _rgb_converter(info: VideoInfo):
     """frame -> upright RGB uint8 (H, W, 3): matrix from the stream's tag (else by resolution), 8 bits, rotation."""
-    from av.video.reformatter import ColorRange, Colorspace, Interpolation
+    from av.video.reformatter import Colorspace
 
     turns = info.rotation // 90
     untagged = {MATRIX_BT709: Colorspace.ITU709, MATRIX_ST170M: Colorspace.ITU601}[
         default_matrix(info.width, info.height)]
-    # Accurate rounding and full chroma interpolation (swscale's default bilinear, inexact path differs from zimg
-    # by ~1.4 levels on average, up to 80 at colour edges): the RGB frames are the ground truth the model learns.
-    flags = Interpolation.BICUBIC | Interpolation.ACCURATE_RND | Interpolation.FULL_CHR_H_INT
     tagged = {1: Colorspace.ITU709, 4: Colorspace.FCC, 5: Colorspace.ITU601, 6: Colorspace.ITU601,
               7: Colorspace.SMPTE240M, 9: Colorspace.BT2020, 10: Colorspace.BT2020}
 
     def convert(frame) -> np.ndarray:
-        matrix = tagged.get(int(frame.colorspace), untagged)
-        rng = int(frame.color_range)
-        rgb = frame.reformat(format="rgb24", src_colorspace=matrix, interpolation=flags,
-                             src_color_range=ColorRange(rng) if rng in (1, 2) else None,
-                             dst_color_range=ColorRange.JPEG).to_ndarray()
+        rgb = frame_to_rgb(frame, tagged.get(int(frame.colorspace), untagged), int(frame.color_range))
         if turns:
             rgb = np.rot90(rgb, turns)
         return np.ascontiguousarray(rgb)

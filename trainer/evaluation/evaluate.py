@@ -20,7 +20,10 @@ Protocol (also written into every report):
   ``vs_selftransfer.tiling.upscale_image`` with an overlap of 24 LR px (> the receptive radius, so tiles are exact).
 * Metrics: see ``trainer/metrics.py``. Y-PSNR and Y-SSIM (BT.601 studio range as MATLAB ``rgb2ycbcr``, border of
   ``scale`` px shaved, outputs clipped and rounded to 8 bits first), RGB PSNR (same shave), temporal flicker on
-  consecutive test frames. The report's schema is documented in ``trainer/report.py``.
+  consecutive test frames. VMAF (Netflix's vmaf_v0.6.1 through the ``vmaf-torch`` package, ``trainer/vmaf.py``)
+  per frame on the same Y, rounded to 8 bits, whole frame, with the motion feature taken from the true neighbouring
+  ground-truth frames of each test frame (decoded for it); ``--no-vmaf`` skips it. The verdict stays Y-PSNR.
+  The report's schema is documented in ``trainer/evaluation/report.py``.
 
 Two settings (``protocol.kind`` in the report):
 
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import contextlib
 import math
 import os
 import sys
@@ -51,6 +55,7 @@ from vs_selftransfer.errors import UserError
 from vs_selftransfer.files import check_not_an_input, current_umask, fsync_dir
 from vs_selftransfer.tiling import AUTO_TILE, AUTO_TILE_MAX_PIXELS, OVERLAP, auto_tile
 from selftransfer_trainer.metrics import flicker, psnr_rgb, psnr_y, quantize, rgb_to_y, shave, ssim_y
+from selftransfer_trainer.vmaf import luma as vmaf_luma
 
 DEFAULT_FRAMES = 24
 NEAR_SECONDS = 1.0
@@ -193,9 +198,11 @@ def network_runner(model, device: str):
 
 
 class DeployedPath:
-    """The bundle through ``core.selftransfer.Upscale`` (via ``vs_selftransfer.upscale``) on an RGB24 clip of the
-    LR frames. Clip frame 0 is a black placeholder (the filter reads a frame when it is created, to learn the
+    """The bundle through ``core.selftransfer.Upscale`` (via ``vs_selftransfer.upscale``, fp32) on an RGB24 clip of
+    the LR frames. Clip frame 0 is a black placeholder (the filter reads a frame when it is created, to learn the
     clip's properties); the LR frame of test frame ``n`` is clip frame ``n + 1``, filled when it is requested."""
+
+    PRECISION = "fp32"
 
     def __init__(self, model_path: str, n_frames: int, lr_width: int, lr_height: int, tile: int):
         import vapoursynth as vs
@@ -207,7 +214,10 @@ class DeployedPath:
         src = core.std.BlankClip(format=vs.RGB24, width=lr_width, height=lr_height, length=n_frames + 1,
                                  fpsnum=1, fpsden=1)
         src = core.std.ModifyFrame(src, src, self._fill)
-        self.clip = vs_selftransfer.upscale(src, model_path, overlap=OVERLAP, tilesize=tile)
+        # fp32: the check is that the filter computes what PyTorch computes (colour, tiling, plumbing); the reduced
+        # precisions precision="auto" may pick are measured, per video, by fit's gates (``selftransfer info``).
+        self.clip = vs_selftransfer.upscale(src, model_path, overlap=OVERLAP, tilesize=tile,
+                                            precision=self.PRECISION)
 
     def _fill(self, n, f):
         if n == 0:
@@ -238,7 +248,7 @@ def deployed_unavailable() -> str | None:
     core = vs.core
     if hasattr(core, "selftransfer"):
         return None
-    dev = Path(__file__).resolve().parents[1] / "build" / "vsplugin" / "libselftransfer.so"
+    dev = Path(__file__).resolve().parents[2] / "build" / "vsplugin" / "libselftransfer.so"
     if dev.is_file():
         try:
             core.std.LoadPlugin(str(dev))
@@ -274,6 +284,7 @@ class Options:
     device: str = "cpu"
     progress: bool = True
     reference: str | None = None
+    vmaf: bool = True
 
 
 def _check_options(o: Options) -> None:
@@ -313,6 +324,10 @@ def _check_options(o: Options) -> None:
         import torch
         if not torch.cuda.is_available():
             raise UserError("--device cuda: PyTorch sees no CUDA device here; use --device cpu")
+    if o.vmaf:
+        from selftransfer_trainer.vmaf import check_available
+
+        check_available()
     if o.generic != "official" and not os.path.isfile(o.generic):
         raise UserError(f"--generic {o.generic}: no such file (pass 'official' or a .pth/.safetensors/.stm path)")
     out = Path(o.output)
@@ -346,6 +361,8 @@ def _degradation(manifest: dict, o: Options, warnings: list[str]) -> dict:
         deg["crf"] = crf
     elif o.crf is not None:
         raise UserError(f"--crf only applies to --degradation x264, not {method}")
+    if method == "x264" and o.degradation is None and (trained or {}).get("coding") == "video":
+        deg.update(coding="video", window=trained.get("window"))  # each test frame coded in a video of its neighbours
     if trained is not None and (deg["method"] != trained["method"]
                                 or ("crf" in deg and deg["crf"] != trained.get("crf", 23))):
         warnings.append(f"evaluating with degradation {deg}, but the bundle was trained on {trained}")
@@ -420,7 +437,8 @@ def _crops(frame: dict, lr: np.ndarray, outputs: dict, hr: np.ndarray, scale: in
     panels = [("LR (nearest x%d)" % scale, lr_crop, None)]
     for name in METHODS:
         crop_psnr = psnr_y(outputs[name][:, y:y + size, x:x + size], hr[:, y:y + size, x:x + size], 0)
-        panels.append((name, to_u8(outputs[name]), (frame["metrics"][name]["psnr_y"], crop_psnr)))
+        panels.append((name, to_u8(outputs[name]),
+                       (frame["metrics"][name]["psnr_y"], crop_psnr, frame["metrics"][name].get("vmaf"))))
     panels.append(("HR", to_u8(hr), None))
     return {"index": frame["index"], "time": frame["time"], "subset": frame["subset"],
             "gain": frame["gain_psnr_y"], "box": [int(x), int(y), int(size), int(size)], "panels": panels}
@@ -624,8 +642,19 @@ def run_frames(o: Options, setup: Setup) -> dict:
     previous = None  # (index, outputs, hr) of the last frame, for flicker
     by_index = {t.index: t for t in tests}
     position = {t.index: n for n, t in enumerate(tests)}
-    with tqdm(total=len(tests), unit="frame", desc="eval", disable=not o.progress, dynamic_ncols=True,
-              file=sys.stderr) as bar:
+    scorer = motion = None
+    vmaf_info: dict = {"status": "skipped", "reason": "--no-vmaf"}
+    vmaf_seconds = motion_seconds = 0.0
+    with contextlib.ExitStack() as stack:
+        if o.vmaf:
+            from selftransfer_trainer.vmaf import VmafScorer
+
+            scorer = stack.enter_context(VmafScorer(o.device, workers=o.threads or os.cpu_count() or 1))
+            t0 = time.perf_counter()
+            motion = _reference_motion2(o, setup, scorer, list(by_index))
+            motion_seconds = time.perf_counter() - t0
+        bar = stack.enter_context(tqdm(total=len(tests), unit="frame", desc="eval", disable=not o.progress,
+                                       dynamic_ncols=True, file=sys.stderr))
         for index, pts, lr, hr_u8 in _test_inputs(o, setup, list(by_index)):
             hr = np.moveaxis(hr_u8, -1, 0).astype(np.float64) / 255.0
             lr_chw = np.ascontiguousarray(np.moveaxis(lr, -1, 0), np.float32) / 255.0
@@ -644,6 +673,14 @@ def run_frames(o: Options, setup: Setup) -> dict:
             frame = {"index": index, "time": float(pts), "subset": t.subset, "distance_s": t.distance,
                      "is_val": t.is_val, "metrics": metrics,
                      "gain_psnr_y": metrics["selftransfer"]["psnr_y"] - metrics["generic"]["psnr_y"]}
+            if scorer is not None:
+                t0 = time.perf_counter()
+                scores = scorer.scores(vmaf_luma(hr), [vmaf_luma(outputs[m]) for m in methods], motion[index])
+                vmaf_seconds += time.perf_counter() - t0
+                for m, score in zip(methods, scores):
+                    metrics[m]["vmaf"] = score
+                frame["vmaf_motion2"] = motion[index]
+                frame["gain_vmaf"] = metrics["selftransfer"]["vmaf"] - metrics["generic"]["vmaf"]
             if deployed is not None:
                 diff = np.abs(np.round(outputs[DEPLOYED] * 255) - np.round(outputs["selftransfer"] * 255))
                 frame["deployed_vs_torch"] = {"max_abs_diff_levels": int(diff.max()),
@@ -665,6 +702,12 @@ def run_frames(o: Options, setup: Setup) -> dict:
             if gains:
                 bar.set_postfix_str(f"gain over generic {np.mean(gains):+.3f} dB")
 
+    if scorer is not None:
+        hr_w, hr_h = setup.hr_size
+        vmaf_info = {"status": "ok", **scorer.info.to_json(), "workers": scorer.workers, "timing": {
+            "s_per_frame_per_method": vmaf_seconds / (len(frames) * len(methods)),
+            "motion2_s_per_frame": motion_seconds / len(frames), "frame_size": [hr_w, hr_h],
+            "load_average_1min": os.getloadavg()[0]}}
     if deployed is not None:
         deployed_info.update(_deployed_summary(frames))
         if not deployed_info["agree"]:
@@ -673,8 +716,51 @@ def run_frames(o: Options, setup: Setup) -> dict:
             setup.warnings.append(msg)
             print(f"selftransfer eval: warning: {msg}", file=sys.stderr)
     return {"frames": frames, "pairs": pairs, "methods": methods, "generic": generic_info,
-            "deployed": deployed_info, "timing": {m: timing[m] / len(frames) for m in methods},
+            "deployed": deployed_info, "vmaf": vmaf_info, "timing": {m: timing[m] / len(frames) for m in methods},
             "crops": {"largest_gain": best, "smallest_gain": worst}}
+
+
+def _ground_truth_frames(o: Options, setup: Setup, indices: list[int]):
+    """Yield (index, HR uint8 HWC) of the ground truth alone: the video's frames (cropped to a multiple of the
+    scale) in the self setting, the reference's in the reference setting."""
+    from selftransfer_trainer.degrade import crop_to_scale
+    from selftransfer_trainer.video import read_frames
+
+    path, flag = (o.video, "") if setup.reference is None else (o.reference, "--reference ")
+    hr_w, hr_h = setup.hr_size
+    for index, _, rgb in read_frames(path, indices):
+        hr_u8 = crop_to_scale(rgb, setup.scale)
+        if hr_u8.shape[:2] != (hr_h, hr_w):
+            raise UserError(f"{flag}{path}: frame {index} is {rgb.shape[1]}x{rgb.shape[0]}, not the size of the "
+                            "stream (variable frame size)")
+        yield index, hr_u8
+
+
+def _reference_motion2(o: Options, setup: Setup, scorer, indices: list[int]) -> dict[int, float]:
+    """VMAF's motion2 of each test frame's ground truth, from its true neighbouring ground-truth frames (i-1 and
+    i+1, whether tested or not), decoded in one pass that holds at most a few frames' Y planes."""
+    from collections import deque
+
+    from selftransfer_trainer.vmaf import luma_u8
+
+    n = setup.info.frames
+    pending = deque(sorted(set(indices)))
+    needed = sorted({j for i in pending for j in (i - 1, i, i + 1) if 0 <= j < n})
+    window: dict[int, np.ndarray] = {}
+    out: dict[int, float] = {}
+    for index, hr_u8 in _ground_truth_frames(o, setup, needed):
+        window[index] = luma_u8(hr_u8)
+        while pending and all(j in window for j in (pending[0] - 1, pending[0], pending[0] + 1) if 0 <= j < n):
+            i = pending.popleft()
+            out[i] = scorer.motion2(window.get(i - 1), window[i], window.get(i + 1))
+        keep_from = pending[0] - 1 if pending else n
+        for j in [j for j in window if j < keep_from]:
+            del window[j]
+    if pending:
+        path = o.video if setup.reference is None else o.reference
+        raise UserError(f"{path}: frame {pending[0]} or its neighbours could not be decoded (VMAF's motion feature "
+                        "needs frames i-1 and i+1 of each test frame); pass --no-vmaf to evaluate without VMAF")
+    return out
 
 
 def _test_inputs(o: Options, setup: Setup, indices: list[int]):
@@ -686,12 +772,18 @@ def _test_inputs(o: Options, setup: Setup, indices: list[int]):
     scale, deg = setup.scale, setup.degradation
     hr_w, hr_h = setup.hr_size
     if setup.reference is None:
+        coded = {}
+        if deg.get("coding") == "video":
+            from selftransfer_trainer.pairs import video_coded_lr
+
+            coded = video_coded_lr(o.video, indices, scale, deg["crf"], deg["window"])
         for index, pts, rgb in read_frames(o.video, indices):
             hr_u8 = crop_to_scale(rgb, scale)
             if hr_u8.shape[:2] != (hr_h, hr_w):
                 raise UserError(f"{o.video}: frame {index} is {rgb.shape[1]}x{rgb.shape[0]}, not the "
                                 f"{setup.info.width}x{setup.info.height} of the stream (variable frame size)")
-            yield index, pts, degrade(rgb, scale, deg["method"], crf=deg.get("crf", 23)), hr_u8
+            lr = coded[index][1] if coded else degrade(rgb, scale, deg["method"], crf=deg.get("crf", 23))
+            yield index, pts, lr, hr_u8
         return
     lr_w, lr_h = setup.info.width, setup.info.height
     for (index, pts, lr), (ref_index, _, hr_u8) in zip(read_frames(o.video, indices),
@@ -757,6 +849,7 @@ def build_report(o: Options, setup: Setup, result: dict, elapsed: float) -> dict
         "flicker_pairs": pairs,
         "summary": summary,
         "deployed": result["deployed"],
+        "vmaf": result["vmaf"],
         "timing_s_per_frame": result["timing"],
         "warnings": setup.warnings,
         "verdict": verdict(summary),
@@ -814,15 +907,17 @@ def _stats(values: list[tuple[int, float]], higher_is_better: bool) -> dict:
 
 
 def summarize(frames: list[dict], pairs: list[dict], methods: list[str]) -> dict:
+    # VMAF is in every frame's metrics or in none (--no-vmaf).
+    with_vmaf = any("vmaf" in f["metrics"][methods[0]] for f in frames)
+    keys = ("psnr_y", "ssim_y", "psnr_rgb") + (("vmaf",) if with_vmaf else ())
     out = {}
     for subset in ("all", NEAR, FAR):
         fs = [f for f in frames if subset == "all" or f["subset"] == subset]
         ps = [p for p in pairs if subset == "all" or p["subset"] == subset]
         entry: dict = {"frames": len(fs), "pairs": len(ps), "methods": {}, "gain_over_generic": {}}
         for m in methods:
-            entry["methods"][m] = {
-                key: _stats([(f["index"], f["metrics"][m][key]) for f in fs], True)
-                for key in ("psnr_y", "ssim_y", "psnr_rgb")}
+            entry["methods"][m] = {key: _stats([(f["index"], f["metrics"][m][key]) for f in fs], True)
+                                   for key in keys}
             entry["methods"][m]["flicker"] = _stats([(p["index"], p["flicker"][m]) for p in ps], False)
         for m in methods:
             if m == "generic":
@@ -842,6 +937,16 @@ def summarize(frames: list[dict], pairs: list[dict], methods: list[str]) -> dict
                 "frames_better": sum(g > 0 for g in g_y),
                 "frames_worse": sum(g < 0 for g in g_y),
             }
+            if with_vmaf:  # in VMAF points, per frame, like the Y-PSNR fields
+                g_v = [f["metrics"][m]["vmaf"] - f["metrics"]["generic"]["vmaf"] for f in fs]
+                entry["gain_over_generic"][m].update({
+                    "vmaf_mean": float(np.mean(g_v)) if g_v else None,
+                    "vmaf_median": float(np.median(g_v)) if g_v else None,
+                    "vmaf_min": float(min(g_v)) if g_v else None,
+                    "vmaf_max": float(max(g_v)) if g_v else None,
+                    "vmaf_frames_better": sum(g > 0 for g in g_v),
+                    "vmaf_frames_worse": sum(g < 0 for g in g_v),
+                })
         out[subset] = entry
     return out
 
@@ -904,6 +1009,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="generic model: 'official' (shipped in the package) or a .pth/.safetensors/.stm path")
     parser.add_argument("--no-deployed", dest="deployed", action="store_false",
                         help="skip the check through core.selftransfer.Upscale")
+    parser.add_argument("--no-vmaf", dest="vmaf", action="store_false",
+                        help="do not score VMAF (vmaf_v0.6.1 through the vmaf-torch package)")
     parser.add_argument("--force", action="store_true", help="replace REPORT_DIR if it holds an earlier report")
     parser.add_argument("--tile", type=int,
                         help=f"LR tile size for the networks (0 = whole frame; default whole frame up to "
@@ -920,7 +1027,8 @@ def run(args: argparse.Namespace) -> int:
                 all_frames=args.all_frames, include_val=args.include_val,
                 assume_unseen=args.assume_unseen, near_seconds=args.near_seconds,
                 generic=args.generic, deployed=args.deployed, force=args.force, tile=args.tile, seed=args.seed,
-                threads=args.threads, device=args.device, progress=args.progress, reference=args.reference)
+                threads=args.threads, device=args.device, progress=args.progress, reference=args.reference,
+                vmaf=args.vmaf)
     report = evaluate(o)
     from selftransfer_trainer.evaluation.report import console_table
     print(console_table(report))

@@ -3,7 +3,8 @@
 report.json schema (schema "selftransfer-eval", schema_version 1)
 -----------------------------------------------------------------
 Numbers are JSON numbers; ``null`` stands for "not applicable", and for an infinite PSNR (identical images) in
-per-frame values. PSNR in dB, SSIM unitless in [-1, 1], flicker in 8-bit Y levels, times in seconds.
+per-frame values. PSNR in dB, SSIM unitless in [-1, 1], VMAF in points (0..100), flicker in 8-bit Y levels, times
+in seconds. The ``vmaf`` entries below are present only when VMAF was computed (``vmaf.status`` "ok").
 
 - ``schema``, ``schema_version``, ``created`` (UTC ISO 8601), ``selftransfer_version``, ``elapsed_s``
 - ``video``: ``path``, ``sha256``, ``width``, ``height``, ``fps``, ``frames``, ``duration``
@@ -25,20 +26,27 @@ per-frame values. PSNR in dB, SSIM unitless in [-1, 1], flicker in 8-bit Y level
   "bicubic", "generic", "selftransfer", and "deployed" when the VapourSynth filter was checked)
 - ``frames``: one object per test frame, in index order: ``index``, ``time`` (s), ``subset`` ("near" | "far"),
   ``distance_s`` (to the nearest training frame; ``null`` when none is known), ``is_val``, ``metrics``
-  ({method: {``psnr_y``, ``ssim_y``, ``psnr_rgb``}}), ``gain_psnr_y`` (selftransfer - generic), and with the
-  deployed path ``deployed_vs_torch`` {``max_abs_diff_levels`` (int, 8-bit), ``pixels_differing`` (fraction)}
+  ({method: {``psnr_y``, ``ssim_y``, ``psnr_rgb``, ``vmaf``}}), ``gain_psnr_y`` (selftransfer - generic),
+  ``gain_vmaf`` (selftransfer - generic, VMAF points), ``vmaf_motion2`` (VMAF's motion2 feature of the ground-truth
+  frame, from its true neighbours), and with the deployed path ``deployed_vs_torch`` {``max_abs_diff_levels``
+  (int, 8-bit), ``pixels_differing`` (fraction)}
 - ``flicker_pairs``: one object per pair of consecutive test frames (t-1, t): ``index`` (t), ``subset`` (of t),
   ``flicker`` ({method: value})
 - ``summary``: {"all" | "near" | "far": {``frames``, ``pairs``, ``methods`` ({method: {"psnr_y" | "ssim_y" |
-  "psnr_rgb" | "flicker": {``n``, ``mean``, ``median``, ``worst``, ``worst_frame``, ``n_infinite``}}}: mean and
-  median over finite values, worst = lowest PSNR/SSIM or highest flicker), ``gain_over_generic`` ({method other
-  than generic: {``psnr_y_mean``, ``psnr_y_median``, ``psnr_y_min``, ``psnr_y_max``, ``ssim_y_mean``,
-  ``psnr_rgb_mean``, ``flicker_mean_change`` (method - generic: negative = steadier), ``frames_better``,
-  ``frames_worse``}})}}
+  "psnr_rgb" | "vmaf" | "flicker": {``n``, ``mean``, ``median``, ``worst``, ``worst_frame``, ``n_infinite``}}}:
+  mean and median over finite values, worst = lowest PSNR/SSIM/VMAF or highest flicker), ``gain_over_generic``
+  ({method other than generic: {``psnr_y_mean``, ``psnr_y_median``, ``psnr_y_min``, ``psnr_y_max``,
+  ``ssim_y_mean``, ``psnr_rgb_mean``, ``flicker_mean_change`` (method - generic: negative = steadier),
+  ``frames_better``, ``frames_worse`` (by Y-PSNR), ``vmaf_mean``, ``vmaf_median``, ``vmaf_min``, ``vmaf_max``
+  (per-frame VMAF gain, points), ``vmaf_frames_better``, ``vmaf_frames_worse``}})}}
 - ``deployed``: ``status`` ("ok" | "skipped": not requested or plugin not installed | "error": the filter
   could not be created), ``reason`` (when not ok); when ok: ``max_abs_diff_levels``,
   ``pixels_differing`` (mean fraction), ``max_abs_psnr_y_diff``, ``mean_psnr_y_diff`` (deployed - PyTorch, dB),
   ``tolerance_db``, ``agree`` (max |difference| <= tolerance)
+- ``vmaf``: ``status`` ("ok" | "skipped": ``--no-vmaf``), ``reason`` (when skipped); when ok: ``package``
+  ("vmaf-torch"), ``version``, ``model`` ("vmaf_v0.6.1"), ``workers`` (threads scoring the methods of a frame),
+  ``timing`` {``s_per_frame_per_method``, ``motion2_s_per_frame`` (decoding the neighbours included),
+  ``frame_size`` ([width, height]), ``load_average_1min`` (at the end of the run)}
 - ``timing_s_per_frame``: {method: seconds per frame on this machine (informative only)}
 - ``warnings``: list of strings
 - ``verdict``: ``selftransfer_beats_generic`` (mean Y-PSNR gain on all test frames > 0), ``gain_psnr_y_mean``,
@@ -73,6 +81,13 @@ CONVENTIONS = """\
   RMSE over the shaved Y plane of (Y(SR_t) - Y(SR_t-1)) - (Y(HR_t) - Y(HR_t-1)), i.e. how much the output's
   frame-to-frame change departs from the true one (equivalently the RMSE of the change of the error image).
   A constant error does not flicker; an error that comes and goes does. Reported as the mean over pairs.
+- **VMAF** (0..100, higher is better): Netflix's vmaf_v0.6.1 model through the `vmaf-torch` package, a PyTorch
+  re-implementation of libvmaf's features (its authors report a mean |difference| of 0.006 points against libvmaf
+  on the Netflix public set), not libvmaf itself. Computed on the whole frame at the ground truth's resolution, on
+  the same BT.601 studio-range Y rounded to 8-bit integers (the Y plane libvmaf reads from a limited-range 8-bit
+  YUV file), with the score clipped to [0, 100] as libvmaf does. Its motion feature belongs to the ground-truth
+  video: for each test frame it comes from the true neighbouring frames i-1 and i+1, tested or not. The verdict
+  stays Y-PSNR-based.
 - **Gain over generic**: per frame, method minus generic, then mean / median over frames.
 """
 
@@ -121,12 +136,18 @@ def _f(x, digits=2, signed=False) -> str:
     return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
 
 
+def has_vmaf(report: dict) -> bool:
+    return report.get("vmaf", {}).get("status") == "ok"
+
+
 def summary_table(report: dict, subset: str) -> str:
     s = report["summary"][subset]
     methods = report["protocol"]["methods"]
+    vmaf = has_vmaf(report)
     rows = ["| method | Y-PSNR mean | median | worst (frame) | Y-SSIM mean | RGB-PSNR mean | flicker mean | "
-            "Y-PSNR gain over generic (mean / median) | frames better / worse |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "Y-PSNR gain over generic (mean / median) | frames better / worse |"
+            + (" VMAF mean | VMAF worst (frame) | VMAF gain over generic (mean / worst frame) |" if vmaf else ""),
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if vmaf else "")]
     for m in methods:
         st = s["methods"][m]
         g = s["gain_over_generic"].get(m)
@@ -134,16 +155,36 @@ def summary_table(report: dict, subset: str) -> str:
         gain = "0 (reference)" if m == "generic" else (
             f"{_f(g['psnr_y_mean'], 3, True)} / {_f(g['psnr_y_median'], 3, True)}")
         better = "–" if m == "generic" else f"{g['frames_better']} / {g['frames_worse']}"
-        rows.append(f"| {METHOD_LABELS[m]} | {_f(worst['mean'])} | {_f(worst['median'])} | "
-                    f"{_f(worst['worst'])} ({worst['worst_frame']}) | {_f(st['ssim_y']['mean'], 4)} | "
-                    f"{_f(st['psnr_rgb']['mean'])} | {_f(st['flicker']['mean'], 3)} | {gain} | {better} |")
+        row = (f"| {METHOD_LABELS[m]} | {_f(worst['mean'])} | {_f(worst['median'])} | "
+               f"{_f(worst['worst'])} ({worst['worst_frame']}) | {_f(st['ssim_y']['mean'], 4)} | "
+               f"{_f(st['psnr_rgb']['mean'])} | {_f(st['flicker']['mean'], 3)} | {gain} | {better} |")
+        if vmaf:
+            v = st["vmaf"]
+            v_gain = "0 (reference)" if m == "generic" else (
+                f"{_f(g['vmaf_mean'], 2, True)} / {_f(g['vmaf_min'], 2, True)}")
+            row += f" {_f(v['mean'])} | {_f(v['worst'])} ({v['worst_frame']}) | {v_gain} |"
+        rows.append(row)
     return "\n".join(rows)
+
+
+def vmaf_text(report: dict) -> str:
+    """One line saying whether and how VMAF was computed."""
+    v = report.get("vmaf") or {"status": "skipped", "reason": "not recorded"}
+    if v["status"] != "ok":
+        return f"VMAF: not computed ({v['reason']})"
+    t = v["timing"]
+    return (f"VMAF: {v['model']} through {v['package']} {v['version']} (a re-implementation of libvmaf, not "
+            f"libvmaf); {t['s_per_frame_per_method']:.2f} s per {t['frame_size'][0]}x{t['frame_size'][1]} frame per "
+            f"method + {t['motion2_s_per_frame']:.2f} s per frame for the motion feature, {v['workers']} "
+            f"thread(s), load average {t['load_average_1min']:.2f}")
 
 
 def markdown(report: dict) -> str:
     p, v, m = report["protocol"], report["video"], report["model"]
+    vmaf = has_vmaf(report)
     deg = p["degradation"]
-    deg_text = deg["method"] + (f" (CRF {deg['crf']})" if "crf" in deg else "")
+    deg_text = deg["method"] + (f" (CRF {deg['crf']}" + (", coded as a video" if deg.get("coding") == "video" else "")
+                                + ")" if "crf" in deg else "")
     cand = p["candidates"]
     lines = [
         f"# Self-transfer evaluation: {Path(v['path']).name}",
@@ -164,8 +205,11 @@ def markdown(report: dict) -> str:
     setting = p.get("setting")
     lines += ["## Protocol", ""]
     if setting:
+        target = setting.get("target") or {}
         lines += [f"- The bundle was fitted for {setting.get('text', setting.get('kind'))}; it ships "
-                  f"**{setting.get('ships')}**: {setting.get('why')}."]
+                  f"**{setting.get('ships')}**: {setting.get('why')}."
+                  + (f" Training targets: {target.get('what')} ({target.get('model')})."
+                     if target.get("kind") == "teacher" else "")]
     else:
         lines += ["- The bundle does not record which case it was fitted for (source or delivery)."]
     if ref:
@@ -192,10 +236,12 @@ def markdown(report: dict) -> str:
         f"{len(p['test_frames'])} (sampling: {_sampling_text(p['sampling'])}).",
         "- Methods on the same LR input: bicubic = MATLAB `imresize` bicubic upsampling (a = -0.5), the SR "
         "literature's baseline; generic = the official CARN-M weights; self-transfer = the bundle in PyTorch"
-        + ("; deployed = the bundle through `core.selftransfer.Upscale` (VapourSynth, RGB24 clip of the LR frames)"
+        + ("; deployed = the bundle through `core.selftransfer.Upscale` (VapourSynth, RGB24 clip of the LR frames, "
+           "precision fp32)"
            if "deployed" in p["methods"] else "")
         + f". Networks run through the project's tiling (tile {p['tile'] or 'whole frame'}, overlap "
           f"{p['overlap']} LR px) on {p['device']}.",
+        f"- {vmaf_text(report)}.",
         "",
         "### Metric conventions",
         "",
@@ -218,18 +264,25 @@ def markdown(report: dict) -> str:
     else:
         lines += [f"Not checked: {d['reason']}.", ""]
     lines += ["## Plots", ""]
-    for key, caption in (("psnr_per_frame", "Y-PSNR per test frame; training frames marked"),
+    for key, caption in (("psnr_per_frame", f"Y-PSNR{' and VMAF' if vmaf else ''} per test frame; training frames "
+                                            "marked"),
                          ("crops_largest_gain", "Crops of the frame with the largest gain over generic"),
                          ("crops_smallest_gain", "Crops of the frame with the smallest gain over generic")):
         if report["plots"].get(key):
             lines += [f"![{caption}]({report['plots'][key]})", ""]
+    vmaf_head = (" | " + " | ".join(f"{METHOD_LABELS[mm]} VMAF" for mm in p["methods"]) + " | VMAF gain | motion2"
+                 if vmaf else "")
     lines += ["## Per frame", "", "| frame | time (s) | subset | distance (s) | "
-              + " | ".join(f"{METHOD_LABELS[mm]} Y-PSNR" for mm in p["methods"]) + " | gain |",
-              "|---:|---:|---|---:|" + "---:|" * (len(p["methods"]) + 1)]
+              + " | ".join(f"{METHOD_LABELS[mm]} Y-PSNR" for mm in p["methods"]) + " | gain" + vmaf_head + " |",
+              "|---:|---:|---|---:|" + "---:|" * ((len(p["methods"]) + 1) * (2 if vmaf else 1) + vmaf)]
     for f in report["frames"]:
         vals = " | ".join(_f(f["metrics"][mm]["psnr_y"]) for mm in p["methods"])
-        lines.append(f"| {f['index']}{' (val)' if f['is_val'] else ''} | {f['time']:.2f} | {f['subset']} | "
-                     f"{_f(f['distance_s'])} | {vals} | {_f(f['gain_psnr_y'], 3, True)} |")
+        row = (f"| {f['index']}{' (val)' if f['is_val'] else ''} | {f['time']:.2f} | {f['subset']} | "
+               f"{_f(f['distance_s'])} | {vals} | {_f(f['gain_psnr_y'], 3, True)} |")
+        if vmaf:
+            row += (" " + " | ".join(_f(f["metrics"][mm]["vmaf"]) for mm in p["methods"])
+                    + f" | {_f(f['gain_vmaf'], 2, True)} | {_f(f['vmaf_motion2'])} |")
+        lines.append(row)
     t = report["timing_s_per_frame"]
     per_frame = ", ".join(f"{METHOD_LABELS[k]} {_f(x)}" for k, x in t.items())
     lines += ["", f"Seconds per frame on this machine: {per_frame}.", "", "## report.json schema", "", SCHEMA_DOC]
@@ -256,11 +309,14 @@ def console_table(report: dict) -> str:
             g = s["gain_over_generic"].get(m)
             rows.append(f"  {METHOD_LABELS[m]:<26} Y-PSNR {_f(st['psnr_y']['mean']):>6}  SSIM "
                         f"{_f(st['ssim_y']['mean'], 4)}  flicker {_f(st['flicker']['mean'], 3):>6}"
-                        + ("" if g is None else f"  gain {_f(g['psnr_y_mean'], 3, True)} dB"))
+                        + (f"  VMAF {_f(st['vmaf']['mean']):>6}" if "vmaf" in st else "")
+                        + ("" if g is None else f"  gain {_f(g['psnr_y_mean'], 3, True)} dB"
+                           + (f" / {_f(g['vmaf_mean'], 2, True)} VMAF" if "vmaf_mean" in g else "")))
     d = report["deployed"]
     rows.append("deployed path: " + (f"{'agrees' if d['agree'] else 'DISAGREES'} with PyTorch (max |Δ Y-PSNR| "
                                      f"{d['max_abs_psnr_y_diff']:.4f} dB)" if d["status"] == "ok"
                                      else f"not checked ({d['reason']})"))
+    rows.append(vmaf_text(report))
     return "\n".join(rows)
 
 
@@ -275,8 +331,10 @@ def _figure(**kw):
 def plot_psnr_curves(report: dict, path: Path) -> str:
     p = report["protocol"]
     frames = report["frames"]
-    fig = _figure(figsize=(12, 6.5), layout="constrained")
-    ax, gx = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1.4])
+    vmaf = has_vmaf(report)
+    fig = _figure(figsize=(12, 9.5 if vmaf else 6.5), layout="constrained")
+    axes = fig.subplots(3 if vmaf else 2, 1, sharex=True, height_ratios=[3, 2.2, 1.4] if vmaf else [3, 1.4])
+    ax, gx = axes[0], axes[-1]
     xs = [f["index"] for f in frames]
     # Lines join consecutive frames only (a NaN breaks the line): a line across a gap would invent values.
     line_x = []
@@ -284,18 +342,22 @@ def plot_psnr_curves(report: dict, path: Path) -> str:
         if k and x != xs[k - 1] + 1:
             line_x.append(np.nan)
         line_x.append(x)
-    for m in ("bicubic", "generic", "selftransfer"):
-        ys = [np.nan if f["metrics"][m]["psnr_y"] is None else f["metrics"][m]["psnr_y"] for f in frames]
-        line_y, k = [], 0
-        for x in line_x:
-            line_y.append(np.nan if np.isnan(x) else ys[k])
-            k += 0 if np.isnan(x) else 1
-        # generic: hollow squares on a dashed line, so it stays visible where self-transfer lies on top of it
-        hollow = m == "generic"
-        ax.plot(line_x, line_y, "--" if hollow else "-", lw=1.2, color=COLORS[m])
-        ax.plot(xs, ys, "s" if hollow else "o", ms=6 if hollow else 3.5, color=COLORS[m],
-                fillstyle="none" if hollow else "full", label=METHOD_LABELS[m])
-    for axis in (ax, gx):
+    for axis, key in ((ax, "psnr_y"),) + (((axes[1], "vmaf"),) if vmaf else ()):
+        for m in ("bicubic", "generic", "selftransfer"):
+            ys = [np.nan if f["metrics"][m][key] is None else f["metrics"][m][key] for f in frames]
+            line_y, k = [], 0
+            for x in line_x:
+                line_y.append(np.nan if np.isnan(x) else ys[k])
+                k += 0 if np.isnan(x) else 1
+            # generic: hollow squares on a dashed line, so it stays visible where self-transfer lies on top of it
+            hollow = m == "generic"
+            axis.plot(line_x, line_y, "--" if hollow else "-", lw=1.2, color=COLORS[m])
+            axis.plot(xs, ys, "s" if hollow else "o", ms=6 if hollow else 3.5, color=COLORS[m],
+                      fillstyle="none" if hollow else "full", label=METHOD_LABELS[m])
+    if vmaf:
+        axes[1].set_ylabel(f"VMAF ({report['vmaf']['model']})")
+        axes[1].grid(alpha=0.3)
+    for axis in axes:
         for k, t in enumerate(p["train_frames"]):
             axis.axvline(t, color="tab:green", lw=0.8, alpha=0.6, label="training frame" if k == 0 and axis is ax
                          else None)
@@ -304,7 +366,7 @@ def plot_psnr_curves(report: dict, path: Path) -> str:
                          label="validation frame" + ("" if p["include_val"] else " (not tested)")
                          if k == 0 and axis is ax else None)
     ax.set_ylabel("Y-PSNR (dB)")
-    ax.set_title(f"Y-PSNR per unseen test frame, x{p['scale']}, degradation {p['degradation']['method']}")
+    ax.set_title(f"Y-PSNR{' and VMAF' if vmaf else ''} per unseen test frame, x{p['scale']}, degradation {p['degradation']['method']}")
     ax.legend(loc="best", fontsize=8, ncols=2)
     ax.grid(alpha=0.3)
     gains = [np.nan if f["gain_psnr_y"] is None else f["gain_psnr_y"] for f in frames]
@@ -321,16 +383,21 @@ def plot_psnr_curves(report: dict, path: Path) -> str:
 
 def plot_crops(crop: dict, path: Path, which: str) -> str:
     panels = crop["panels"]
-    fig = _figure(figsize=(3.2 * len(panels), 3.9), layout="constrained")
-    axes = fig.subplots(1, len(panels))
-    for ax, (name, img, values) in zip(axes, panels):
-        ax.imshow(img, interpolation="nearest")
+    titles = []
+    for name, _, values in panels:
         title = METHOD_LABELS.get(name, name)
         if values is not None:
-            frame_psnr, crop_psnr = values
+            frame_psnr, crop_psnr, frame_vmaf = values
             title += f"\nframe {_f(frame_psnr)} dB · crop {_f(crop_psnr)} dB"
-        else:
-            title += "\n"
+            if frame_vmaf is not None:
+                title += f"\nframe VMAF {_f(frame_vmaf)}"
+        titles.append(title)
+    n_lines = max(t.count("\n") for t in titles)
+    fig = _figure(figsize=(3.2 * len(panels), 3.9 + 0.2 * max(0, n_lines - 1)), layout="constrained")
+    axes = fig.subplots(1, len(panels))
+    for ax, (name, img, values), title in zip(axes, panels, titles):
+        ax.imshow(img, interpolation="nearest")
+        title += "\n" * (n_lines - title.count("\n"))  # equal title heights keep the images aligned
         ax.set_title(title, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
