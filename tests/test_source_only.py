@@ -87,7 +87,7 @@ def test_negative_control_harmful_training_ships_generic(sources, clip_path, tmp
 @pytest.fixture(scope="module")
 def compressed_fit(sources, tmp_path_factory):
     path = tmp_path_factory.mktemp("fit") / "crf23.stm"
-    return path, _fit(sources["crf23"], path, "--steps", "4")
+    return path, _fit(sources["crf23"], path, "--steps", "12", "--int8", "off")
 
 
 def test_compressed_source_trains_on_its_matched_degradation(compressed_fit, sources):
@@ -99,7 +99,7 @@ def test_compressed_source_trains_on_its_matched_degradation(compressed_fit, sou
     assert m["degradation"] == {"method": "x264", "scale": 2, "crf": s["estimate"]["degradation"]["crf"],
                                 "coding": "video", "window": 32}
     assert s["target"]["kind"] == "teacher" and s["target"]["model"] == "carn_m_official_x234.pth"
-    assert v["steps"] == 4
+    assert v["steps"] == 12
     # What ships follows the validation: the best validated checkpoint when it beats generic, else generic.
     beats = v["selftransfer_psnr_y"] > v["generic_psnr_y"]
     assert s["ships"] == v["shipped"] == ("selftransfer" if beats else "generic")
@@ -151,6 +151,12 @@ def test_eval_reference_scores_the_source_against_the_clip(compressed_fit, sourc
     # Bicubic from the compressed source is well below the network upscalers against the true frames.
     s = r["summary"]["all"]["methods"]
     assert s["bicubic"]["psnr_y"]["mean"] < s["generic"]["psnr_y"]["mean"] - 0.3
+    # The claim, on frames upscaled one octave above anything fit saw: after 12 steps the shipped bundle beats
+    # generic against the true frames on every test frame (about +0.12 dB; VMAF follows only after a few hundred
+    # steps, docs/source_only.md).
+    assert m["setting"]["ships"] == "selftransfer"
+    g = r["summary"]["all"]["gain_over_generic"]["selftransfer"]
+    assert g["psnr_y_min"] > 0.02 and g["psnr_y_mean"] > 0.05
 
 
 def _write(path, frames, rate=25):
