@@ -225,19 +225,15 @@ def x264_video_roundtrip(frames: list[np.ndarray], crf: int = 23, with_qp: bool 
     # 0.1 dB per frame; no-mbtree would make it exact, but sources are encoded with x264's defaults).
     enc.thread_count, enc.thread_type = 1, "NONE"
     enc.options = {"crf": str(crf), "preset": "medium", "threads": "1"}
-    packets, sent = [], []
+    packets = []
     for n, lr in enumerate(frames):
         padded = np.pad(lr, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(padded), format="rgb24")
         yuv = frame.reformat(format="yuv420p", dst_colorspace="ITU601", dst_color_range="MPEG",
                              interpolation=sws_flags())
         yuv.pts = n
-        # Every sent frame (and the array it was made from) stays alive until the encoder is flushed: the encoder
-        # may still hold frames in its lookahead.
-        sent.append((padded, frame, yuv))
         packets.extend(enc.encode(yuv))
     packets.extend(enc.encode(None))
-    del sent
     dec = av.CodecContext.create("h264", "r")
     # One decoding thread: with frame threading the exported quantiser tables of B-frames come out wrong.
     dec.thread_count, dec.thread_type = 1, "NONE"

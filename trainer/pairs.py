@@ -43,19 +43,30 @@ def video_coded_lr(path: str | os.PathLike, indices: list[int], scale: int, crf:
                    window: int = VIDEO_WINDOW) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """{index: (clean LR, coded LR)} for frames of the video at ``path``: the ``window`` frames around each (cropped
     to the scale, MATLAB-bicubic downscaled) encoded as one x264 video at ``crf`` and decoded; clean LR is that
-    frame before the encode. The degradation ``{"method": "x264", "coding": "video"}``."""
+    frame before the encode. The degradation ``{"method": "x264", "coding": "video"}``.
+
+    One decoding pass: windows of neighbouring frames overlap, so each frame is decoded and downscaled once and
+    kept only while a later window still needs it."""
     from selftransfer_trainer.degrade import x264_video_roundtrip
     from selftransfer_trainer.video import read_frames
     from vs_selftransfer.probe import probe
 
     n = probe(path).frames
-    out = {}
-    for i in indices:
+    windows = {}
+    for i in sorted(set(indices)):
         start = max(0, min(i - window // 2, n - window))
-        run = [imresize(crop_to_scale(rgb, scale), 1.0 / scale)
-               for _, _, rgb in read_frames(path, range(start, min(n, start + window)))]
-        coded = x264_video_roundtrip(run, crf)
-        out[i] = (run[i - start], coded[i - start])
+        windows[i] = range(start, min(n, start + window))  # starts never decrease with i
+    decoded = read_frames(path, sorted({j for w in windows.values() for j in w}))
+    clean: dict[int, np.ndarray] = {}
+    out = {}
+    for i, w in windows.items():
+        for j in [j for j in clean if j < w.start]:
+            del clean[j]
+        while w[-1] not in clean:
+            j, _, rgb = next(decoded)
+            clean[j] = imresize(crop_to_scale(rgb, scale), 1.0 / scale)
+        run = [clean[j] for j in w]
+        out[i] = (run[i - w.start], x264_video_roundtrip(run, crf)[i - w.start])
     return out
 
 
@@ -89,10 +100,9 @@ def write_pairs(h5_path: str | os.PathLike, selection, scale: int, degradation: 
     described = {"method": degradation, "scale": scale}
     if degradation == "x264":
         described["crf"] = crf
-    if coding == "video":
-        described.update(coding="video", window=VIDEO_WINDOW)
     coded = {}
     if coding == "video":
+        described.update(coding="video", window=VIDEO_WINDOW)
         coded = video_coded_lr(info.path, [f.index for f in selection.train + selection.val], scale, crf)
     path = Path(h5_path)
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:

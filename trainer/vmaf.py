@@ -17,6 +17,7 @@ as they would in a full libvmaf run; ADM and VIF depend on (reference i, distort
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -121,20 +122,17 @@ class VmafScorer:
             raise ValueError(f"VMAF takes (H, W) Y planes, not shape {y.shape}")
         return torch.from_numpy(np.ascontiguousarray(y)).to(self.device)[None, None]
 
-    def _single_threaded(self, fn, *args):
-        import torch
-
-        if self.device.type == "cpu":
-            torch.set_num_threads(1)
-        with torch.inference_mode():
-            return fn(*args)
-
-    def _restoring_threads(self, fn, *args):
+    @contextlib.contextmanager
+    def _one_thread(self):
+        """One PyTorch thread while scoring (see the class docstring); the caller's setting is restored after.
+        The setting is process-wide, so it is made once here, not in each worker."""
         import torch
 
         threads = torch.get_num_threads()
+        if self.device.type == "cpu":
+            torch.set_num_threads(1)
         try:
-            return fn(*args)
+            yield
         finally:
             torch.set_num_threads(threads)
 
@@ -143,17 +141,15 @@ class VmafScorer:
         ``current`` is the video's first or last frame)."""
         import torch
 
-        def run():
-            frames = [y for y in (previous, current, following) if y is not None]
-            shapes = {np.shape(y) for y in frames}
-            if len(shapes) != 1:
-                raise ValueError(f"motion2 needs frames of one shape, not {sorted(shapes)}")
+        frames = [y for y in (previous, current, following) if y is not None]
+        shapes = {np.shape(y) for y in frames}
+        if len(shapes) != 1:
+            raise ValueError(f"motion2 needs frames of one shape, not {sorted(shapes)}")
+        with self._one_thread(), torch.inference_mode():
             stack = torch.cat([self._tensor(y) for y in frames])
             # The package's motion2 of a run of frames; the run's first frame is the video's first here only when
             # there is no previous frame, which is the one case where its value (0) is the right one.
             return float(self._vmaf.compute_motion2(stack)[0 if previous is None else 1, 0])
-
-        return self._restoring_threads(self._single_threaded, run)
 
     def scores(self, reference: np.ndarray, distorted: list[np.ndarray], motion2: float) -> list[float]:
         """VMAF of each distorted Y plane against ``reference`` (one frame), given the reference's motion2."""
@@ -166,14 +162,11 @@ class VmafScorer:
         motion = torch.tensor([[motion2]], dtype=torch.float32, device=self.device)
 
         def one(d):
-            dist = self._tensor(d)
-            adm = self._vmaf.compute_adm_score(ref, dist)
-            vif = self._vmaf.compute_vif_features(ref, dist)
-            return float(self._vmaf.predict(adm, motion, vif)[0, 0])
+            with torch.inference_mode():  # per thread: inference mode is thread-local
+                dist = self._tensor(d)
+                adm = self._vmaf.compute_adm_score(ref, dist)
+                vif = self._vmaf.compute_vif_features(ref, dist)
+                return float(self._vmaf.predict(adm, motion, vif)[0, 0])
 
-        def run():
-            if self._pool is None:
-                return [self._single_threaded(one, d) for d in distorted]
-            return list(self._pool.map(lambda d: self._single_threaded(one, d), distorted))
-
-        return self._restoring_threads(run)
+        with self._one_thread():
+            return [one(d) for d in distorted] if self._pool is None else list(self._pool.map(one, distorted))

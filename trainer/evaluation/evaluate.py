@@ -721,19 +721,21 @@ def run_frames(o: Options, setup: Setup) -> dict:
 
 
 def _ground_truth_frames(o: Options, setup: Setup, indices: list[int]):
-    """Yield (index, HR uint8 HWC) of the ground truth alone: the video's frames (cropped to a multiple of the
+    """Yield (index, pts, HR uint8 HWC) of the ground truth alone: the video's frames (cropped to a multiple of the
     scale) in the self setting, the reference's in the reference setting."""
     from selftransfer_trainer.degrade import crop_to_scale
     from selftransfer_trainer.video import read_frames
 
     path, flag = (o.video, "") if setup.reference is None else (o.reference, "--reference ")
     hr_w, hr_h = setup.hr_size
-    for index, _, rgb in read_frames(path, indices):
+    # The stream's own size: the video's before cropping in the self setting; the reference is scale x the source.
+    stream = (setup.info.width, setup.info.height) if setup.reference is None else (hr_w, hr_h)
+    for index, pts, rgb in read_frames(path, indices):
         hr_u8 = crop_to_scale(rgb, setup.scale)
         if hr_u8.shape[:2] != (hr_h, hr_w):
-            raise UserError(f"{flag}{path}: frame {index} is {rgb.shape[1]}x{rgb.shape[0]}, not the size of the "
-                            "stream (variable frame size)")
-        yield index, hr_u8
+            raise UserError(f"{flag}{path}: frame {index} is {rgb.shape[1]}x{rgb.shape[0]}, not the "
+                            f"{stream[0]}x{stream[1]} of the stream (variable frame size)")
+        yield index, pts, hr_u8
 
 
 def _reference_motion2(o: Options, setup: Setup, scorer, indices: list[int]) -> dict[int, float]:
@@ -748,7 +750,7 @@ def _reference_motion2(o: Options, setup: Setup, scorer, indices: list[int]) -> 
     needed = sorted({j for i in pending for j in (i - 1, i, i + 1) if 0 <= j < n})
     window: dict[int, np.ndarray] = {}
     out: dict[int, float] = {}
-    for index, hr_u8 in _ground_truth_frames(o, setup, needed):
+    for index, _, hr_u8 in _ground_truth_frames(o, setup, needed):
         window[index] = luma_u8(hr_u8)
         while pending and all(j in window for j in (pending[0] - 1, pending[0], pending[0] + 1) if 0 <= j < n):
             i = pending.popleft()
@@ -766,36 +768,28 @@ def _reference_motion2(o: Options, setup: Setup, scorer, indices: list[int]) -> 
 def _test_inputs(o: Options, setup: Setup, indices: list[int]):
     """Yield (index, pts, LR uint8 HWC, HR uint8 HWC) for the test frames: the video's frames and their degradation
     in the self setting; the source's frames and the reference's in the reference setting."""
-    from selftransfer_trainer.degrade import crop_to_scale, degrade
+    from selftransfer_trainer.degrade import degrade
     from selftransfer_trainer.video import read_frames
 
     scale, deg = setup.scale, setup.degradation
-    hr_w, hr_h = setup.hr_size
+    truth = _ground_truth_frames(o, setup, indices)
     if setup.reference is None:
         coded = {}
         if deg.get("coding") == "video":
             from selftransfer_trainer.pairs import video_coded_lr
 
             coded = video_coded_lr(o.video, indices, scale, deg["crf"], deg["window"])
-        for index, pts, rgb in read_frames(o.video, indices):
-            hr_u8 = crop_to_scale(rgb, scale)
-            if hr_u8.shape[:2] != (hr_h, hr_w):
-                raise UserError(f"{o.video}: frame {index} is {rgb.shape[1]}x{rgb.shape[0]}, not the "
-                                f"{setup.info.width}x{setup.info.height} of the stream (variable frame size)")
-            lr = coded[index][1] if coded else degrade(rgb, scale, deg["method"], crf=deg.get("crf", 23))
+        for index, pts, hr_u8 in truth:
+            lr = coded[index][1] if coded else degrade(hr_u8, scale, deg["method"], crf=deg.get("crf", 23))
             yield index, pts, lr, hr_u8
         return
     lr_w, lr_h = setup.info.width, setup.info.height
-    for (index, pts, lr), (ref_index, _, hr_u8) in zip(read_frames(o.video, indices),
-                                                       read_frames(o.reference, indices)):
+    for (index, pts, lr), (ref_index, _, hr_u8) in zip(read_frames(o.video, indices), truth):
         if index != ref_index:  # both readers yield exactly the requested indices, in order
             raise RuntimeError(f"source frame {index} paired with reference frame {ref_index}")
         if lr.shape[:2] != (lr_h, lr_w):
             raise UserError(f"{o.video}: frame {index} is {lr.shape[1]}x{lr.shape[0]}, not the {lr_w}x{lr_h} of "
                             "the stream (variable frame size)")
-        if hr_u8.shape[:2] != (hr_h, hr_w):
-            raise UserError(f"--reference {o.reference}: frame {index} is {hr_u8.shape[1]}x{hr_u8.shape[0]}, not "
-                            f"the {hr_w}x{hr_h} of the stream (variable frame size)")
         yield index, pts, lr, hr_u8
 
 
